@@ -1,0 +1,188 @@
+"""Pairs of primitives with the same interface for asyncio and for threads.
+
+`pool_async.py` uses the `A*`/`a*` names; `tools/async_to_sync.py` renames them
+to their sync twins when it generates `pool.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from time import monotonic
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from . import _core
+
+if TYPE_CHECKING:
+    from ._core import Entry, Lane
+
+logger = logging.getLogger("pgwarden.pool")
+
+Lock = threading.Lock
+current_thread_ident = threading.get_ident
+
+
+class _WaiterBase:
+    __slots__ = ("deadline", "entry", "error", "lane", "seq", "since", "state")
+
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+        self.entry: Entry | None = None
+        self.error: BaseException | None = None
+        self.seq = 0
+        self.since = 0.0
+        self.deadline = 0.0
+        self.state = _core.WAITING
+
+
+class AWaiter(_WaiterBase):
+    """A task waiting for a connection: a future the pool resolves."""
+
+    __slots__ = ("fut", "timer")
+
+    def __init__(self, lane: Lane) -> None:
+        super().__init__(lane)
+        self.fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def accepts(self) -> bool:
+        return not self.fut.done()
+
+    def wake(self) -> None:
+        if not self.fut.done():
+            self.fut.set_result(None)
+
+
+class Waiter(_WaiterBase):
+    """A thread waiting for a connection: a lock the pool releases."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lane: Lane) -> None:
+        super().__init__(lane)
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def accepts(self) -> bool:
+        return True
+
+    def wake(self) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Block until woken (True) or `timeout` seconds pass (False)."""
+        return self._lock.acquire(timeout=max(timeout, 0.0))
+
+
+class AEvent:
+    """An asyncio event whose wait can time out."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    async def wait_timeout(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await self._event.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+class Event:
+    """A threading event with the same interface as `AEvent`."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def wait_timeout(self, timeout: float) -> bool:
+        return self._event.wait(max(timeout, 0.0))
+
+
+def aspawn(
+    func: Callable[..., Coroutine[Any, Any, None]],
+    args: tuple[Any, ...],
+    registry: set[Any],
+    name: str,
+) -> None:
+    """Run `func(*args)` as a task, kept in `registry` until it ends."""
+    task = asyncio.get_running_loop().create_task(func(*args), name=name)
+    registry.add(task)
+    task.add_done_callback(registry.discard)
+
+
+def spawn(
+    func: Callable[..., None], args: tuple[Any, ...], registry: set[Any], name: str
+) -> None:
+    """Run `func(*args)` in a daemon thread, kept in `registry` until it ends."""
+
+    def run() -> None:
+        try:
+            func(*args)
+        finally:
+            registry.discard(thread)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    registry.add(thread)
+    thread.start()
+
+
+async def agather(registry: set[Any], timeout: float) -> None:
+    """Wait for the tasks in `registry` to end, cancelling any left at `timeout`."""
+    deadline = monotonic() + timeout
+    current = asyncio.current_task()
+    while tasks := [t for t in registry if t is not current]:
+        remaining = deadline - monotonic()
+        if remaining <= 0:
+            for t in tasks:
+                logger.warning("background task %r did not stop in time", t)
+                t.cancel()
+            return
+        await asyncio.wait(tasks, timeout=remaining)
+
+
+def gather(registry: set[Any], timeout: float) -> None:
+    """Wait for the threads in `registry` to end, at most `timeout` seconds."""
+    deadline = monotonic() + timeout
+    current = threading.current_thread()
+    while threads := [t for t in list(registry) if t is not current]:
+        remaining = deadline - monotonic()
+        if remaining <= 0:
+            for t in threads:
+                logger.warning("background thread %r did not stop in time", t.name)
+            return
+        threads[0].join(remaining)
+
+
+async def asleep(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+sleep = time.sleep
+
+
+def acurrent_holder() -> Any:
+    """Who is borrowing: the current task (asyncio) or thread ident (threads)."""
+    return asyncio.current_task()
+
+
+current_holder = current_thread_ident

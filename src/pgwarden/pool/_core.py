@@ -1,0 +1,626 @@
+"""The pool's decision core: every decision about capacity, lanes and waiters.
+
+Nothing here does I/O, starts threads or awaits. Both pools (`AsyncPool` and the
+generated `Pool`) call it under their lock and do the I/O it asks for afterwards,
+outside the lock. Time comes in as an argument (`now`, seconds on a monotonic
+clock), so the core can be driven by a fake clock in tests.
+
+Capacity is counted in *units*: a unit is an open connection, one being opened,
+or one the pool is checking or giving back. `size` never exceeds `max_size`.
+
+Lanes split `max_size` between workloads. Lane *i* has `reserved` units that only
+it may use and a `limit` it never exceeds; the rest is shared headroom. The core
+keeps `committed = sum(max(in_use_i, reserved_i))` at or below `max_size`: a lane
+may take a connection when it is under its limit and either under its
+reservation or there is headroom left. So a lane under its reservation can always
+take one, whatever the other lanes do.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from ..config import LaneSpec
+
+DEFAULT_LANE = "default"
+
+# Numbers for pools created without a name, shared by both kinds of pool.
+pool_numbers = itertools.count(1)
+
+# How long a connection may sit unused before a borrow checks it with a query,
+# on top of the cheap liveness test (HikariCP's "alive bypass window").
+ALIVE_BYPASS_WINDOW = 0.5
+
+# While the server is known to be unreachable, a caller waits at most this long.
+FAST_FAIL_WAIT = 1.0
+
+# Reconnection backoff: first delay, growth factor, cap, relative jitter.
+BACKOFF_INITIAL = 0.1
+BACKOFF_FACTOR = 2.0
+BACKOFF_CAP = 2.0
+BACKOFF_JITTER = 0.2
+
+# At most this many connections are being opened at once (spike elision).
+MAX_CONCURRENT_CONNECTS = 3
+
+# Upper bounds (seconds) of the acquire-wait histogram buckets.
+WAIT_BUCKETS: tuple[float, ...] = tuple(
+    b * 10.0**e for e in range(-5, 2) for b in (1.0, 2.0, 5.0)
+) + (math.inf,)
+
+# Entry states.
+IDLE = 0
+BUSY = 1
+CHECKING = 2
+CLOSED = 3
+
+
+class Waiter(Protocol):
+    """What the core needs from a caller waiting for a connection."""
+
+    entry: Entry | None
+    error: BaseException | None
+    lane: Lane
+    seq: int
+    since: float
+    deadline: float
+    state: int
+
+    def accepts(self) -> bool:
+        """Whether the waiter can still take a connection (not cancelled)."""
+
+    def wake(self) -> None:
+        """Wake the waiter up; `entry` or `error` is already set."""
+
+
+# Waiter states.
+WAITING = 0
+SERVED = 1
+GONE = 2
+
+
+class Entry:
+    """One connection the pool owns, with what the pool knows about it."""
+
+    __slots__ = (
+        "conn",
+        "pid",
+        "created_at",
+        "expires_at",
+        "last_ok",
+        "last_checked",
+        "state",
+        "lane",
+        "held_since",
+        "site",
+        "holder",
+        "leak_reported",
+        "handle_ref",
+        "lost_cb",
+        "doomed",
+    )
+
+    def __init__(self, conn: Any, pid: int, now: float, expires_at: float) -> None:
+        self.conn = conn
+        self.pid = pid
+        self.created_at = now
+        self.expires_at = expires_at
+        self.last_ok = now  # last time the connection was known to work
+        self.last_checked = now  # last validation query (for eviction order)
+        self.state = IDLE
+        self.lane: Lane | None = None
+        self.held_since = 0.0
+        self.site: tuple[Any, int] | None = None  # (code object, line) of the borrower
+        self.holder: Any = None  # thread ident or asyncio task of the borrower
+        self.leak_reported = False
+        self.handle_ref: Any = None  # weak reference to the handle out on loan
+        self.lost_cb: Callable[[Any], None] | None = None
+        self.doomed = False  # the server said it is ending this session
+
+    def __repr__(self) -> str:
+        states = ("idle", "busy", "checking", "closed")
+        return f"<Entry pid={self.pid} {states[self.state]}>"
+
+
+class Lane:
+    """A named budget of connections (see the module docstring)."""
+
+    __slots__ = ("name", "reserved", "limit", "in_use", "waiters", "n_waiting")
+
+    def __init__(self, spec: LaneSpec) -> None:
+        self.name = spec.name
+        self.reserved = spec.reserved
+        self.limit = spec.limit
+        self.in_use = 0
+        self.waiters: deque[Waiter] = deque()
+        self.n_waiting = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Lane {self.name} in_use={self.in_use} waiting={self.n_waiting}"
+            f" reserved={self.reserved} limit={self.limit}>"
+        )
+
+
+class Actions:
+    """I/O the shell must do after a maintenance step, outside the lock."""
+
+    __slots__ = ("close", "check", "connects", "leaks", "wake")
+
+    def __init__(self) -> None:
+        self.close: list[tuple[Entry, str]] = []  # entry, reason
+        self.check: list[Entry] = []  # idle entries to validate
+        self.connects = 0  # new connections to start opening
+        self.leaks: list[Entry] = []  # entries held past the leak threshold
+        self.wake: list[Waiter] = []  # waiters served by this step
+
+
+class PoolCore:
+    """State and decisions of one pool. Call every method under the pool's lock."""
+
+    def __init__(
+        self,
+        *,
+        min_size: int,
+        max_size: int,
+        lanes: Sequence[LaneSpec] = (),
+        max_waiting: int = 0,
+        max_lifetime: float = 0.0,
+        idle_timeout: float = 30.0,
+        eviction_interval: float = 10.0,
+        tests_per_eviction_run: int = 3,
+        test_while_idle: bool = True,
+        leak_threshold: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.min_size = min_size
+        self.max_size = max_size
+        self.max_waiting = max_waiting
+        self.max_lifetime = max_lifetime
+        self.idle_timeout = idle_timeout
+        self.eviction_interval = eviction_interval
+        self.tests_per_eviction_run = tests_per_eviction_run
+        self.test_while_idle = test_while_idle
+        self.leak_threshold = leak_threshold
+        self._rng = rng or random.Random()
+
+        self.lanes: dict[str, Lane] = {s.name: Lane(s) for s in lanes}
+        if DEFAULT_LANE not in self.lanes:
+            self.lanes[DEFAULT_LANE] = Lane(LaneSpec(DEFAULT_LANE, 0, max_size))
+        self.default_lane = self.lanes[DEFAULT_LANE]
+        self.committed = sum(lane.reserved for lane in self.lanes.values())
+
+        self.idle: list[Entry] = []  # a stack: the last one is the most recent
+        self.entries: set[Entry] = set()  # every open connection
+        self.opening = 0
+        self.busy = 0
+        self.checking = 0
+        self.n_waiting = 0
+        self._seq = 0
+        self.closed = False
+        self._to_close: list[tuple[Entry, str]] = []
+
+        # Server reachability.
+        self.down = False
+        self.last_error: str | None = None
+        self.last_error_at = 0.0
+        self._failures = 0
+        self.next_connect_at = 0.0
+        self.suspect_before = -math.inf
+        self.next_eviction_at = 0.0
+
+        # Counters.
+        self.borrowed_total = 0
+        self.timeouts_total = 0
+        self.overloaded_total = 0
+        self.validation_failures_total = 0
+        self.evictions_total = 0
+        self.leaks_total = 0
+        self.reclaimed_total = 0
+        self.opened_total = 0
+        self.closed_total = 0
+        self.connect_errors_total = 0
+        self.lost_total = 0
+        self.wait_counts = [0] * len(WAIT_BUCKETS)
+        self.waited_total = 0
+        self.wait_max = 0.0
+
+    # -- sizes --------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Connections open or being opened."""
+        return len(self.entries) + self.opening
+
+    def can_take(self, lane: Lane) -> bool:
+        """Whether `lane` may take one more connection now."""
+        return lane.in_use < lane.limit and (
+            lane.in_use < lane.reserved or self.committed < self.max_size
+        )
+
+    def lane(self, name: str | None) -> Lane | None:
+        return self.default_lane if name is None else self.lanes.get(name)
+
+    # -- borrowing ----------------------------------------------------------
+
+    def try_acquire(self, lane: Lane, now: float) -> Entry | None:
+        """Take an idle connection for `lane`, or return None if it must wait.
+
+        Connections past their lifetime are not handed out: they are marked
+        for closing (`pop_to_close`) and the next one is tried.
+        """
+        idle = self.idle
+        if not idle or not self.can_take(lane):
+            return None
+        while idle:
+            entry = idle.pop()
+            if entry.expires_at <= now:
+                self._discard(entry, "max_lifetime")
+                continue
+            self._lease(entry, lane, now)
+            return entry
+        return None
+
+    def _lease(self, entry: Entry, lane: Lane, now: float) -> None:
+        entry.state = BUSY
+        entry.lane = lane
+        entry.held_since = now
+        entry.leak_reported = False
+        if lane.in_use >= lane.reserved:
+            self.committed += 1
+        lane.in_use += 1
+        self.busy += 1
+        self.borrowed_total += 1
+
+    def enqueue(self, waiter: Waiter, now: float, deadline: float) -> None:
+        """Put `waiter` at the back of its lane's queue.
+
+        Raise OverflowError when `max_waiting` callers already wait.
+        """
+        if self.max_waiting and self.n_waiting >= self.max_waiting:
+            self.overloaded_total += 1
+            raise OverflowError
+        self._seq += 1
+        waiter.seq = self._seq
+        waiter.since = now
+        waiter.deadline = deadline
+        waiter.state = WAITING
+        lane = waiter.lane
+        lane.waiters.append(waiter)
+        lane.n_waiting += 1
+        self.n_waiting += 1
+
+    def expire_waiter(self, waiter: Waiter, now: float) -> bool:
+        """Decide whether a waiter whose wait chunk ran out gives up now.
+
+        Return True if it gave up (it is removed from the queue): its deadline
+        passed, or the server is known to be down and it has waited
+        `FAST_FAIL_WAIT`. Return False if it must keep waiting or was served.
+        """
+        if waiter.state != WAITING:
+            return False
+        if now >= waiter.deadline or (self.down and now - waiter.since >= FAST_FAIL_WAIT):
+            self._forget_waiter(waiter)
+            self.timeouts_total += 1
+            return True
+        return False
+
+    def cancel_waiter(self, waiter: Waiter) -> bool:
+        """Remove a waiter that gave up. False if it was already served."""
+        if waiter.state != WAITING:
+            return False
+        self._forget_waiter(waiter)
+        return True
+
+    def _forget_waiter(self, waiter: Waiter) -> None:
+        waiter.state = GONE
+        waiter.lane.n_waiting -= 1
+        self.n_waiting -= 1
+        # Gone waiters are dropped lazily from the deque by `_next_waiter`,
+        # except that a long queue of them is not left behind.
+        lane = waiter.lane
+        if not lane.n_waiting:
+            lane.waiters.clear()
+
+    def record_wait(self, seconds: float) -> None:
+        """Account for a caller that had to wait `seconds` for its connection."""
+        self.wait_counts[bisect_left(WAIT_BUCKETS, seconds)] += 1
+        self.waited_total += 1
+        if seconds > self.wait_max:
+            self.wait_max = seconds
+
+    def _next_waiter(self) -> Waiter | None:
+        """The longest-waiting caller whose lane may take a connection now."""
+        best: Waiter | None = None
+        for lane in self.lanes.values():
+            if not lane.n_waiting:
+                continue
+            waiters = lane.waiters
+            while waiters and waiters[0].state != WAITING:
+                waiters.popleft()
+            while waiters and not waiters[0].accepts():
+                self._forget_waiter(waiters.popleft())
+            if waiters and self.can_take(lane) and (best is None or waiters[0].seq < best.seq):
+                best = waiters[0]
+        return best
+
+    def _serve(self, entry: Entry, now: float) -> Waiter | None:
+        """Hand `entry` to the next eligible waiter, or put it back to idle."""
+        if self.n_waiting:
+            waiter = self._next_waiter()
+            if waiter is not None:
+                lane = waiter.lane
+                lane.waiters.popleft()
+                lane.n_waiting -= 1
+                self.n_waiting -= 1
+                waiter.state = SERVED
+                waiter.entry = entry
+                self._lease(entry, lane, now)
+                self.record_wait(now - waiter.since)
+                return waiter
+        entry.state = IDLE
+        self.idle.append(entry)
+        return None
+
+    # -- giving back --------------------------------------------------------
+
+    def release(self, entry: Entry, now: float, reusable: bool) -> Waiter | None:
+        """Take back a borrowed connection.
+
+        With `reusable` False (broken, mid-query, rollback failed...) the
+        connection is marked for closing. Otherwise it goes to the next waiter
+        (returned, for the shell to wake) or back to the idle stack.
+        """
+        self._unlease(entry)
+        if reusable:
+            entry.last_ok = now
+            if self.closed:
+                reason = "pool closed"
+            elif entry.expires_at <= now:
+                reason = "max_lifetime"
+            elif self.size > self.max_size:
+                reason = "pool resized"
+            else:
+                return self._serve(entry, now)
+            self._discard(entry, reason)
+        else:
+            self._discard(entry, "broken")
+        return None
+
+    def _unlease(self, entry: Entry) -> None:
+        lane = entry.lane
+        assert lane is not None and entry.state == BUSY, entry
+        lane.in_use -= 1
+        if lane.in_use >= lane.reserved:
+            self.committed -= 1
+        self.busy -= 1
+        entry.lane = None
+        entry.handle_ref = None
+        entry.holder = None
+
+    # -- opening and closing ------------------------------------------------
+
+    def wanted_connects(self, now: float) -> int:
+        """How many new connections to start opening now (and count them)."""
+        if self.closed or now < self.next_connect_at:
+            return 0
+        size = self.size
+        room = self.max_size - size
+        if room <= 0:
+            return 0
+        want = self.min_size - size
+        if self.n_waiting:
+            # Callers that a new connection could serve, minus what is coming.
+            servable = sum(
+                min(lane.n_waiting, lane.limit - lane.in_use)
+                for lane in self.lanes.values()
+                if lane.n_waiting and self.can_take(lane)
+            )
+            want = max(want, servable - len(self.idle) - self.opening)
+        limit = 1 if self.down else MAX_CONCURRENT_CONNECTS
+        n = max(0, min(want, room, limit - self.opening))
+        self.opening += n
+        return n
+
+    def new_entry(self, conn: Any, pid: int, now: float) -> Entry:
+        """Make the entry for a freshly opened connection (not yet added)."""
+        lifetime = self.max_lifetime
+        expires = now + lifetime * (1.0 - 0.05 * self._rng.random()) if lifetime else math.inf
+        return Entry(conn, pid, now, expires)
+
+    def connect_succeeded(self, entry: Entry, now: float) -> Waiter | None:
+        """A connection opened: it serves a waiter or becomes idle."""
+        self.opening -= 1
+        self.opened_total += 1
+        self._failures = 0
+        self.next_connect_at = 0.0
+        self.down = False
+        self.entries.add(entry)
+        if self.closed or self.size > self.max_size:
+            self._discard(entry, "pool closed" if self.closed else "pool resized")
+            return None
+        return self._serve(entry, now)
+
+    def connect_failed(self, error: str, now: float, unreachable: bool) -> None:
+        """A connection attempt failed: back off; maybe mark the server down."""
+        self.opening -= 1
+        self.connect_errors_total += 1
+        self.last_error = error
+        self.last_error_at = now
+        self._failures += 1
+        delay = min(BACKOFF_CAP, BACKOFF_INITIAL * BACKOFF_FACTOR ** (self._failures - 1))
+        delay *= 1.0 + BACKOFF_JITTER * (2.0 * self._rng.random() - 1.0)
+        self.next_connect_at = now + delay
+        if unreachable:
+            self.down = True
+
+    def lost(self, now: float) -> None:
+        """A connection turned out dead: every idle one older is suspect."""
+        self.lost_total += 1
+        self.suspect_before = now
+
+    def _discard(self, entry: Entry, reason: str) -> None:
+        if entry.state == CHECKING:
+            self.checking -= 1
+        entry.state = CLOSED
+        self.entries.discard(entry)
+        self.closed_total += 1
+        if reason in ("idle_timeout", "max_lifetime", "validation"):
+            self.evictions_total += 1
+        self._to_close.append((entry, reason))
+
+    def pop_to_close(self) -> list[tuple[Entry, str]]:
+        """Connections the shell must close, with why; the list is emptied."""
+        out = self._to_close
+        self._to_close = []
+        return out
+
+    def discard(self, entry: Entry, reason: str) -> None:
+        """Drop a borrowed or idle connection that must not be used again."""
+        if entry.state == BUSY:
+            self._unlease(entry)
+        elif entry.state == IDLE:
+            self.idle.remove(entry)
+        elif entry.state == CLOSED:
+            return
+        self._discard(entry, reason)
+
+    # -- checks -------------------------------------------------------------
+
+    def needs_query_check(self, entry: Entry, now: float) -> bool:
+        """Whether a borrow must prove `entry` works with a query."""
+        last_ok = entry.last_ok
+        return now - last_ok > ALIVE_BYPASS_WINDOW or last_ok <= self.suspect_before
+
+    def check_done(self, entry: Entry, now: float, ok: bool) -> Waiter | None:
+        """The evictor finished validating an idle connection."""
+        if entry.state != CHECKING:
+            return None
+        if not ok:
+            self.validation_failures_total += 1
+            self._discard(entry, "validation")
+            return None
+        self.checking -= 1
+        entry.last_ok = entry.last_checked = now
+        if self.closed:
+            self._discard(entry, "pool closed")
+            return None
+        return self._serve(entry, now)
+
+    # -- maintenance --------------------------------------------------------
+
+    def maintain(self, now: float) -> Actions:
+        """One maintenance step: shrink, expire, pick idle checks, report leaks."""
+        act = Actions()
+        if self.closed:
+            return act
+        idle = self.idle
+        # Oldest-used first: the bottom of the stack.
+        i = 0
+        while i < len(idle):
+            entry = idle[i]
+            if entry.expires_at <= now:
+                del idle[i]
+                self._discard(entry, "max_lifetime")
+            elif now - entry.last_ok > self.idle_timeout and self.size > self.min_size:
+                del idle[i]
+                self._discard(entry, "idle_timeout")
+            else:
+                i += 1
+
+        if self.test_while_idle and now >= self.next_eviction_at:
+            self.next_eviction_at = now + self.eviction_interval
+            for entry in sorted(idle, key=_by_last_checked)[: self.tests_per_eviction_run]:
+                idle.remove(entry)
+                entry.state = CHECKING
+                self.checking += 1
+                act.check.append(entry)
+
+        if self.suspect_before > -math.inf:
+            # After a failure, check every idle connection older than it.
+            for entry in [e for e in idle if e.last_ok <= self.suspect_before]:
+                idle.remove(entry)
+                entry.state = CHECKING
+                self.checking += 1
+                act.check.append(entry)
+
+        if self.leak_threshold:
+            for entry in self.entries:
+                if (
+                    entry.state == BUSY
+                    and not entry.leak_reported
+                    and now - entry.held_since >= self.leak_threshold
+                ):
+                    entry.leak_reported = True
+                    self.leaks_total += 1
+                    act.leaks.append(entry)
+
+        act.close = self.pop_to_close()
+        act.connects = self.wanted_connects(now)
+        return act
+
+    def held(self, now: float) -> list[Entry]:
+        """Borrowed connections, longest held first."""
+        busy = [e for e in self.entries if e.state == BUSY]
+        busy.sort(key=_by_held_since)
+        return busy
+
+    # -- closing and resizing -----------------------------------------------
+
+    def close(self) -> list[Waiter]:
+        """Refuse new work; return the waiters to fail; mark idle ones to close."""
+        self.closed = True
+        waiters: list[Waiter] = []
+        for lane in self.lanes.values():
+            for waiter in lane.waiters:
+                if waiter.state == WAITING:
+                    waiter.state = GONE
+                    waiters.append(waiter)
+            lane.waiters.clear()
+            lane.n_waiting = 0
+        self.n_waiting = 0
+        while self.idle:
+            self._discard(self.idle.pop(), "pool closed")
+        return waiters
+
+    def resize(self, min_size: int, max_size: int) -> None:
+        """Change the sizes; lanes must still fit (checked by the caller)."""
+        self.min_size = min_size
+        self.max_size = max_size
+        default = self.default_lane
+        if default.reserved == 0 and default.limit != max_size:
+            default.limit = max_size
+        for lane in self.lanes.values():
+            lane.limit = min(lane.limit, max_size)
+        while self.idle and self.size > max_size:
+            self._discard(self.idle.pop(0), "pool resized")
+
+    def wait_percentile(self, q: float) -> float:
+        """The `q` quantile (0..1) of acquire waits, counting unqueued borrows as 0."""
+        total = self.borrowed_total
+        if not total:
+            return 0.0
+        rank = q * total
+        zeros = total - self.waited_total
+        if rank <= zeros:
+            return 0.0
+        seen = zeros
+        for bound, count in zip(WAIT_BUCKETS, self.wait_counts, strict=True):
+            seen += count
+            if seen >= rank:
+                return min(bound, self.wait_max)
+        return self.wait_max
+
+
+def _by_last_checked(entry: Entry) -> float:
+    return entry.last_checked
+
+
+def _by_held_since(entry: Entry) -> float:
+    return entry.held_since

@@ -1,0 +1,97 @@
+"""The connection class the pool hands out.
+
+A borrower gets a *handle*: an instance of the class below that shares its
+state with the pool's own connection object, so it is a real
+`psycopg.AsyncConnection` with no proxy in the way. When the connection is given back, the handle is detached:
+any further use raises `ConnectionReturned`, so a stale handle can never run on
+a connection that now belongs to someone else.
+
+Every operation goes through `wait()`, which enforces the pool's client-side
+`query_timeout`: a query that outlives it is cancelled (best effort) and its
+connection closed, and the caller gets `QueryTimeout`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import errors as e
+from psycopg import waiting
+from psycopg.abc import RV, PQGen
+from psycopg.pq import TransactionStatus
+
+from ..errors import ConnectionReturned, QueryTimeout
+
+# How often a wait wakes up to notice interrupts (as psycopg does).
+_WAIT_INTERVAL = 0.1
+
+# After a query timeout, how long to try telling the server to stop the query
+# before closing the connection anyway.
+CANCEL_TIMEOUT = 0.5
+
+_ACTIVE = TransactionStatus.ACTIVE
+
+
+class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
+    """A `psycopg.AsyncConnection` lent by an `AsyncPool`."""
+
+    # Per handle, not shared: the pool's Entry while on loan, else None.
+    __slots__ = ("_pgw_entry",)
+
+    _pgw_timeout: float | None  # client-side timeout of every operation
+    _pgw_pool: str  # the owning pool's name, for messages
+
+    async def wait(
+        self,
+        gen: PQGen[RV],
+        interval: float = _WAIT_INTERVAL,
+        timeout: float | None = None,
+    ) -> RV:
+        if timeout is None:
+            timeout = self._pgw_timeout
+        try:
+            return await waiting.wait_async(
+                gen, self.pgconn.socket, interval=interval, timeout=timeout
+            )
+        except e._WaitTimeout:
+            await self._pgw_abort(cancel=True)
+            raise QueryTimeout(
+                f"the query ran longer than {timeout:g} s (query_timeout) and was"
+                f" cancelled; its connection was closed (pool {self._pgw_pool!r})"
+            ) from None
+        except BaseException:
+            # Cancelled or interrupted mid-query: the connection is in an
+            # unknown state. Close it now rather than waiting on the server.
+            if self.pgconn.transaction_status == _ACTIVE:
+                await self._pgw_abort(cancel=False)
+            raise
+
+    async def _pgw_abort(self, *, cancel: bool) -> None:
+        """Stop the query in flight and close the connection."""
+        if cancel:
+            try:
+                await self.cancel_safe(timeout=CANCEL_TIMEOUT)
+            except Exception:
+                pass  # the server may be gone: closing is what matters
+        self._closed = True
+        self.pgconn.finish()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails. A detached handle has an empty
+        # __dict__, so every attribute of the connection is gone from it.
+        if not self.__dict__:
+            raise ConnectionReturned(
+                f"this connection was given back to the pool; it can't be used"
+                f" any more (accessing {name!r})"
+            )
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        if not self.__dict__:
+            return f"<{type(self).__qualname__} [returned to the pool]>"
+        return super().__repr__()
+
+    def __del__(self) -> None:
+        # The pool owns the connection and closes it; handles just go away.
+        pass

@@ -1,0 +1,766 @@
+"""`AsyncPool`: the connection pool for asyncio.
+
+`pool.py` (`Pool`, for threads) is generated from this file by
+`tools/async_to_sync.py`: change this file, then run the tool.
+
+The pool's decisions are made by `PoolCore` under `self._lock`; this file does
+the I/O those decisions call for (connecting, checking, rolling back, closing),
+outside the lock, and runs the background maintenance.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import weakref
+from collections.abc import Callable
+from time import monotonic
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from psycopg.pq import ConnStatus, TransactionStatus
+
+from .._conninfo import redact, secrets_of
+from ..config import PoolConfig
+from ..errors import (
+    ConnectionReturned,
+    PoolClosed,
+    PoolOverloaded,
+    PoolTimeout,
+    UnknownLane,
+)
+from . import _core, _messages
+from ._acompat import AEvent, AWaiter, Lock, acurrent_holder, agather, aspawn
+from ._core import Entry, Lane, PoolCore
+from .connection_async import AsyncPooledConnection
+from .stats import PoolStats, snapshot
+
+if True:  # ASYNC
+    import asyncio
+
+logger = logging.getLogger("pgwarden.pool")
+
+_IDLE = TransactionStatus.IDLE
+_INTRANS = TransactionStatus.INTRANS
+_ACTIVE = TransactionStatus.ACTIVE
+_OK = ConnStatus.OK
+
+# How long close() waits for background work to stop.
+_STOP_TIMEOUT = 5.0
+
+
+class AsyncPool:
+    """A pool of PostgreSQL connections for asyncio, with lanes and health checks.
+
+    `config` is a `PoolConfig`, a conninfo string, or None (the defaults);
+    keyword arguments override any `PoolConfig` field. Use it as
+    `async with AsyncPool(...) as pool:`, or call `open()` and `close()`.
+
+    `name` identifies the pool in logs, errors and metrics.
+    """
+
+    def __init__(
+        self,
+        config: PoolConfig | str | None = None,
+        *,
+        name: str | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.config = cfg = PoolConfig.coerce(config, **overrides)
+        self.name = name or f"pool-{next(_core.pool_numbers)}"
+        self._conninfo = cfg.session_conninfo()
+        self._secrets = secrets_of(cfg.conninfo)
+        self._core = PoolCore(
+            min_size=cfg.min_size,
+            max_size=cfg.max_size,
+            lanes=cfg.lanes,
+            max_waiting=cfg.max_waiting,
+            max_lifetime=cfg.max_lifetime,
+            idle_timeout=cfg.idle_timeout,
+            eviction_interval=cfg.eviction_interval,
+            tests_per_eviction_run=cfg.tests_per_eviction_run,
+            test_while_idle=cfg.test_while_idle,
+            leak_threshold=cfg.leak_detection_threshold,
+        )
+        self._lock = Lock()
+        self._ref = weakref.ref(self)
+        self._query_timeout = cfg.query_timeout or None
+        self._test_on_borrow = cfg.test_on_borrow
+        self._opened = False
+        self._tasks: set[Any] = set()
+        self._lost: list[Entry] = []  # handles garbage collected while on loan
+        self._wakeup: AEvent | None = None  # nudges the maintenance loop
+        self._ready: AEvent | None = None  # set once min_size connections are open
+        self._drained: AEvent | None = None  # set when the last borrower returns
+        # Run the maintenance step often enough for the tightest setting.
+        self._tick = min(
+            1.0,
+            cfg.eviction_interval,
+            cfg.idle_timeout / 2,
+            cfg.leak_detection_threshold / 2 or 1.0,
+        )
+
+    def __repr__(self) -> str:
+        core = self._core
+        state = "closed" if core.closed else "open" if self._opened else "not open"
+        return (
+            f"<{type(self).__qualname__} {self.name!r} {state}"
+            f" size={core.size} idle={len(core.idle)} in_use={core.busy}"
+            f" waiting={core.n_waiting} conninfo={self.config.safe_conninfo!r}>"
+        )
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def open(self, wait: bool = False, timeout: float | None = None) -> None:
+        """Start the pool: connections are opened in the background.
+
+        With `wait`, return only once `min_size` connections are open, raising
+        `PoolTimeout` after `timeout` (default: `connection_timeout`) seconds.
+        Opening an open pool does nothing; a closed pool can't be reopened.
+        """
+        if self._core.closed:
+            raise PoolClosed(f"pool {self.name!r} is closed; it can't be reopened")
+        if not self._opened:
+            self._opened = True
+            self._wakeup = AEvent()
+            self._ready = AEvent()
+            self._drained = AEvent()
+            self._spawn(_maintenance_loop, self._ref, name="maintenance")
+        if wait:
+            await self.wait(timeout)
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Wait until `min_size` connections are open (`PoolTimeout` if not)."""
+        if timeout is None:
+            timeout = self.config.connection_timeout
+        assert self._ready is not None, "open() the pool first"
+        if len(self._core.entries) >= self._core.min_size:
+            return
+        if not await self._ready.wait_timeout(timeout):
+            with self._lock:
+                core = self._core
+                msg = (
+                    f"pool {self.name!r} has {len(core.entries)} of min_size"
+                    f" {core.min_size} connections open after {timeout:g} s"
+                )
+                if core.last_error:
+                    msg += f"; last connection error: {core.last_error}"
+            raise self._timeout(msg, core.last_error)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the pool and its connections.
+
+        Callers waiting for a connection get `PoolClosed`. Connections on loan
+        are waited for up to `timeout` seconds and closed when given back; any
+        still out after that are cut off (their borrowers get an error on their
+        next query) and logged. Closing a closed pool does nothing.
+        """
+        core = self._core
+        with self._lock:
+            if core.closed:
+                return
+            waiters = core.close()
+            to_close = core.pop_to_close()
+        for w in waiters:
+            w.error = PoolClosed(f"pool {self.name!r} was closed while waiting")
+            w.wake()
+        if self._wakeup is not None:
+            self._wakeup.set()
+        for entry, _ in to_close:
+            await self._close_conn(entry)
+        if core.busy and self._drained is not None:
+            await self._drained.wait_timeout(timeout)
+        with self._lock:
+            held = core.held(monotonic())
+        for entry in held:
+            logger.warning(
+                "pool %r closed while a connection (backend pid %s) was still on loan"
+                " since %s; cutting it off",
+                self.name,
+                entry.pid,
+                _messages.where(entry),
+            )
+            _shutdown_socket(entry.conn)
+        await agather(self._tasks, _STOP_TIMEOUT)
+
+    async def __aenter__(self) -> AsyncPool:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def resize(self, min_size: int, max_size: int | None = None) -> None:
+        """Change the pool's sizes while it runs.
+
+        Growing opens connections in the background; shrinking closes idle
+        connections at once and borrowed ones when they come back. Lanes must
+        still fit: `ConfigError` otherwise.
+        """
+        if max_size is None:
+            max_size = max(min_size, self._core.max_size)
+        cfg = self.config.replace(min_size=min_size, max_size=max_size)
+        with self._lock:
+            self.config = cfg
+            self._core.resize(cfg.min_size, cfg.max_size)
+        self._after_change()
+
+    def stats(self) -> PoolStats:
+        """The pool's state and counters now (no I/O; safe from any thread)."""
+        now = monotonic()
+        with self._lock:
+            return snapshot(self._core, self.name, now)
+
+    # -- borrowing ----------------------------------------------------------
+
+    def connection(
+        self, lane: str | None = None, timeout: float | None = None
+    ) -> _AsyncConnectionBlock:
+        """Borrow a connection for the duration of an `async with` block.
+
+        On a clean exit an open transaction is committed; on an exception
+        (cancellation included) it is rolled back. Either way the connection
+        goes back to the pool.
+        """
+        return _AsyncConnectionBlock(self, lane, timeout)
+
+    async def getconn(
+        self, lane: str | None = None, timeout: float | None = None
+    ) -> AsyncPooledConnection:
+        """Borrow a connection; give it back with `putconn()`.
+
+        `lane` picks the workload's budget (None: the `default` lane);
+        `timeout` overrides `connection_timeout` for this call. Raise
+        `PoolTimeout` if no connection comes in time, `PoolOverloaded` if
+        `max_waiting` callers already wait, `UnknownLane`, `PoolClosed`.
+        """
+        return await self._getconn(lane, timeout, 2)
+
+    async def putconn(self, conn: AsyncPooledConnection) -> None:
+        """Give back a connection from `getconn()`.
+
+        An open transaction is rolled back, never committed. A connection that
+        is broken or still running a query is closed and replaced. Giving a
+        connection back twice, or to another pool, raises `ConnectionReturned`.
+        """
+        await self._give_back(self._detach(conn), warn=True)
+
+    async def _getconn(
+        self, lane_name: str | None, timeout: float | None, depth: int
+    ) -> AsyncPooledConnection:
+        core = self._core
+        lane = core.default_lane if lane_name is None else core.lanes.get(lane_name)
+        if lane is None:
+            raise UnknownLane(
+                f"pool {self.name!r} has no lane {lane_name!r};"
+                f" its lanes are: {', '.join(core.lanes)}"
+            )
+        if not self._opened or core.closed:
+            raise PoolClosed(
+                f"pool {self.name!r} is {'closed' if core.closed else 'not open'}"
+            )
+        now = monotonic()
+        deadline = now + (self.config.connection_timeout if timeout is None else timeout)
+        while True:
+            waiter = None
+            with self._lock:
+                entry = core.try_acquire(lane, now)
+                if entry is None:
+                    waiter = self._enqueue(lane, now, deadline)
+                elif core._to_close:
+                    self._after_change_locked()
+            if waiter is not None:
+                entry = await self._wait_for(waiter)
+            if not self._test_on_borrow:
+                break
+            if self._alive(entry):
+                if not core.needs_query_check(entry, now):
+                    break
+                if await self._validate_borrowed(entry, deadline):
+                    break
+            else:
+                self._drop_dead(entry)
+            now = monotonic()
+        return self._lend(entry, depth + 1)
+
+    def _enqueue(self, lane: Lane, now: float, deadline: float) -> AWaiter:
+        """Queue a waiter (under the lock) and start the connects it needs."""
+        waiter = AWaiter(lane)
+        try:
+            self._core.enqueue(waiter, now, deadline)
+        except OverflowError:
+            raise PoolOverloaded(
+                f"pool {self.name!r} refused a connection at once:"
+                f" {self._core.n_waiting} callers already wait"
+                f" (max_waiting={self.config.max_waiting})"
+            ) from None
+        self._start_connects(self._core.wanted_connects(now))
+        return waiter
+
+    async def _wait_for(self, waiter: AWaiter) -> Entry:
+        """Wait until `waiter` is served, times out or is cancelled."""
+        if True:  # ASYNC
+            self._arm(waiter)
+            try:
+                await waiter.fut
+            except BaseException:
+                self._abandon(waiter)
+                raise
+            finally:
+                if waiter.timer is not None:
+                    waiter.timer.cancel()
+        else:
+            try:
+                while True:
+                    remaining = min(waiter.deadline - monotonic(), _core.FAST_FAIL_WAIT)
+                    if waiter.wait(remaining) or self._expire(waiter):
+                        break
+            except BaseException:
+                self._abandon(waiter)
+                raise
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.entry is not None
+        return waiter.entry
+
+    if True:  # ASYNC
+
+        def _arm(self, waiter: AWaiter) -> None:
+            delay = min(waiter.deadline - monotonic(), _core.FAST_FAIL_WAIT)
+            loop = asyncio.get_running_loop()
+            waiter.timer = loop.call_later(max(delay, 0.0), self._on_timer, waiter)
+
+        def _on_timer(self, waiter: AWaiter) -> None:
+            if not self._expire(waiter) and waiter.state == _core.WAITING:
+                self._arm(waiter)
+
+    def _expire(self, waiter: Any) -> bool:
+        """A wait chunk ran out: settle the waiter or let it wait on.
+
+        Return True when the waiter is done (served, or failed with
+        `PoolTimeout`, which is then set on it and woken).
+        """
+        now = monotonic()
+        with self._lock:
+            if waiter.state != _core.WAITING:
+                return True
+            if not self._core.expire_waiter(waiter, now):
+                return False
+            msg = _messages.timeout_message(
+                self._core, self.name, waiter.lane, now - waiter.since, now
+            )
+            last_error = self._core.last_error
+        waiter.error = self._timeout(msg, last_error)
+        waiter.wake()
+        return True
+
+    def _abandon(self, waiter: Any) -> None:
+        """The waiter was cancelled: leave the queue, or give back what it got."""
+        with self._lock:
+            if self._core.cancel_waiter(waiter):
+                return
+        if waiter.entry is not None:
+            self._release(waiter.entry, True)
+
+    def _alive(self, entry: Entry) -> bool:
+        """Cheap liveness test, no round trip.
+
+        A backend that ended (terminated, server restart) left its FATAL
+        message or the socket's end of file behind: reading what is pending
+        without blocking reveals it.
+        """
+        pgconn = entry.conn.pgconn
+        try:
+            pgconn.consume_input()
+        except psycopg.OperationalError:
+            return False
+        return pgconn.status == _OK and not entry.doomed
+
+    async def _validate_borrowed(self, entry: Entry, deadline: float) -> bool:
+        """Prove a borrowed connection works with the validation query."""
+        timeout = min(self.config.validation_timeout, max(deadline - monotonic(), 0.01))
+        try:
+            await self._run_validation(entry.conn, timeout)
+        except BaseException as ex:
+            self._drop_dead(entry)
+            if not isinstance(ex, Exception):
+                raise
+            return False
+        entry.last_ok = entry.last_checked = monotonic()
+        return True
+
+    async def _run_validation(self, conn: AsyncPooledConnection, timeout: float) -> None:
+        autocommit = conn.autocommit
+        conn._pgw_timeout = timeout
+        try:
+            if not autocommit:
+                await conn.set_autocommit(True)
+            await conn.execute(self.config.validation_query)
+            if not autocommit:
+                await conn.set_autocommit(False)
+        finally:
+            conn._pgw_timeout = self._query_timeout
+
+    def _drop_dead(self, entry: Entry) -> None:
+        """A borrowed connection failed its check: discard it and replace it."""
+        now = monotonic()
+        with self._lock:
+            self._core.validation_failures_total += 1
+            self._core.lost(now)
+            self._core.discard(entry, "validation")
+            self._after_change_locked()
+
+    def _lend(self, entry: Entry, depth: int) -> AsyncPooledConnection:
+        """Make the handle the borrower gets."""
+        conn = entry.conn
+        handle = object.__new__(AsyncPooledConnection)
+        handle.__dict__ = conn.__dict__
+        handle._pgw_entry = entry
+        entry.handle_ref = weakref.ref(handle, entry.lost_cb)
+        frame = sys._getframe(depth)
+        entry.site = (frame.f_code, frame.f_lineno)
+        entry.holder = acurrent_holder()
+        return handle
+
+    # -- giving back --------------------------------------------------------
+
+    def _detach(self, handle: AsyncPooledConnection) -> Entry:
+        """Take the entry out of a handle and make the handle unusable."""
+        try:
+            entry = handle._pgw_entry
+        except AttributeError:
+            entry = None
+        if entry is None:
+            raise ConnectionReturned(
+                f"can't give {handle!r} back to pool {self.name!r}: it is not on"
+                " loan (already given back, or not from a pgwarden pool)"
+            )
+        if handle.__dict__.get("_pool") is not self._ref:
+            raise ConnectionReturned(
+                f"can't give a connection back to pool {self.name!r}:"
+                " it comes from another pool"
+            )
+        handle._pgw_entry = None
+        handle.__dict__ = {}
+        entry.handle_ref = None
+        return entry
+
+    async def _give_back(self, entry: Entry, warn: bool) -> None:
+        """Reset a connection that came back, then release it (always).
+
+        `warn` logs a warning if a transaction was left open.
+        """
+        status = entry.conn.pgconn.transaction_status
+        if status == _IDLE:
+            self._release(entry, True)
+            return
+        reusable = False
+        try:
+            reusable = await self._reset(entry, status, warn)
+        finally:
+            self._release(entry, reusable)
+
+    async def _reset(self, entry: Entry, status: int, warn: bool) -> bool:
+        """Bring a connection back to IDLE; False if it must be closed."""
+        conn = entry.conn
+        if status == _ACTIVE:
+            logger.warning(
+                "connection (backend pid %s) given back to pool %r during a query;"
+                " closing it",
+                entry.pid,
+                self.name,
+            )
+            return False
+        if status != _INTRANS and status != TransactionStatus.INERROR:
+            if conn.broken:  # the server or the network ended it
+                with self._lock:
+                    self._core.lost(monotonic())
+            return False
+        if warn:
+            logger.warning(
+                "connection (backend pid %s) given back to pool %r inside a"
+                " transaction (acquired at %s); rolling it back",
+                entry.pid,
+                self.name,
+                _messages.where(entry),
+            )
+        conn._pgw_timeout = self.config.validation_timeout
+        try:
+            await conn.rollback()
+        except Exception as ex:
+            logger.warning(
+                "rollback of a connection given back to pool %r failed (%s);"
+                " closing it",
+                self.name,
+                self._redact(str(ex)),
+            )
+            return False
+        finally:
+            conn._pgw_timeout = self._query_timeout
+        return conn.pgconn.transaction_status == _IDLE
+
+    def _release(self, entry: Entry, reusable: bool) -> None:
+        """Hand a returned connection to the next waiter or the idle stack."""
+        now = monotonic()
+        with self._lock:
+            core = self._core
+            waiter = core.release(entry, now, reusable)
+            if core._to_close:
+                self._after_change_locked()
+            drained = core.closed and not core.busy
+        if waiter is not None:
+            waiter.wake()
+        if entry.leak_reported:
+            logger.info("%s", _messages.unleak_message(entry, self.name, now))
+        if drained and self._drained is not None:
+            self._drained.set()
+
+    # -- background work ----------------------------------------------------
+
+    def _after_change(self) -> None:
+        with self._lock:
+            self._after_change_locked()
+
+    def _after_change_locked(self) -> None:
+        """Close what the core discarded and open what it now lacks."""
+        core = self._core
+        to_close = core.pop_to_close()
+        if to_close:
+            self._spawn(_close_entries, self, to_close, name="close")
+        self._start_connects(core.wanted_connects(monotonic()))
+
+    def _start_connects(self, n: int) -> None:
+        for _ in range(n):
+            self._spawn(_connect_one, self, name="connect")
+
+    def _spawn(self, func: Callable[..., Any], *args: Any, name: str) -> None:
+        aspawn(func, args, self._tasks, f"pgwarden {self.name} {name}")
+
+    async def _connect(self) -> Entry:
+        """Open one connection (without touching the core)."""
+        if True:  # ASYNC
+            async with asyncio.timeout(self.config.connection_timeout):
+                conn = await AsyncPooledConnection.connect(self._conninfo)
+        else:
+            conn = AsyncPooledConnection.connect(self._conninfo)
+        conn._pgw_entry = None
+        conn._pgw_timeout = self._query_timeout
+        conn._pgw_pool = self.name
+        conn._pool = self._ref
+        entry = self._core.new_entry(conn, conn.info.backend_pid, monotonic())
+        entry.lost_cb = _lost_callback(self._lost, entry)
+        conn.add_notice_handler(_doom_on_fatal(entry))
+        return entry
+
+    async def _close_conn(self, entry: Entry) -> None:
+        try:
+            await entry.conn.close()
+        except Exception as ex:
+            logger.debug("closing a connection failed: %s", self._redact(str(ex)))
+
+    async def _check_idle(self, entry: Entry) -> None:
+        """Validate an idle connection for the evictor."""
+        ok = self._alive(entry)
+        if ok:
+            try:
+                await self._run_validation(entry.conn, self.config.validation_timeout)
+            except Exception as ex:
+                logger.info(
+                    "idle connection (backend pid %s) of pool %r failed validation:"
+                    " %s",
+                    entry.pid,
+                    self.name,
+                    self._redact(str(ex)),
+                )
+                ok = False
+        now = monotonic()
+        with self._lock:
+            if not ok:
+                self._core.lost(now)
+            waiter = self._core.check_done(entry, now, ok)
+            self._after_change_locked()
+        if waiter is not None:
+            waiter.wake()
+
+    async def _maintain(self) -> float:
+        """One maintenance step; return how long to sleep before the next."""
+        core = self._core
+        lost = []
+        while self._lost:
+            lost.append(self._lost.pop())
+        now = monotonic()
+        with self._lock:
+            # A handle collected on loan can't be given back: take its
+            # connection back, and close it (the server rolls back).
+            reclaimed = [e for e in lost if e.state == _core.BUSY]
+            for entry in reclaimed:
+                core.reclaimed_total += 1
+                core.discard(entry, "reclaimed")
+            act = core.maintain(now)
+            self._start_connects(act.connects)
+            delay = self._tick
+            if (core.size < core.min_size or core.n_waiting) and core.next_connect_at > now:
+                delay = min(delay, core.next_connect_at - now)
+        for entry in reclaimed:
+            logger.warning("%s", _messages.reclaim_message(entry, self.name, now))
+        for entry in act.leaks:
+            logger.warning(
+                "%s",
+                _messages.leak_message(
+                    entry, self.name, self.config.leak_detection_threshold, now
+                ),
+            )
+        for entry, reason in act.close:
+            logger.debug(
+                "closing connection (backend pid %s) of pool %r: %s",
+                entry.pid,
+                self.name,
+                reason,
+            )
+            await self._close_conn(entry)
+        for entry in act.check:
+            self._spawn(_check_entry, self, entry, name="check")
+        return delay
+
+    def _timeout(self, msg: str, last_error: str | None) -> PoolTimeout:
+        err = PoolTimeout(self._redact(msg))
+        err.last_error = last_error
+        return err
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self._secrets)
+
+
+class _AsyncConnectionBlock:
+    """What `AsyncPool.connection()` returns: borrow on enter, give back on exit."""
+
+    __slots__ = ("_conn", "_lane", "_pool", "_timeout")
+
+    def __init__(self, pool: AsyncPool, lane: str | None, timeout: float | None) -> None:
+        self._pool = pool
+        self._lane = lane
+        self._timeout = timeout
+        self._conn: AsyncPooledConnection | None = None
+
+    async def __aenter__(self) -> AsyncPooledConnection:
+        self._conn = await self._pool._getconn(self._lane, self._timeout, 2)
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        conn = self._conn
+        assert conn is not None
+        self._conn = None
+        pool = self._pool
+        entry = pool._detach(conn)
+        if exc_type is None and entry.conn.pgconn.transaction_status == _INTRANS:
+            try:
+                await entry.conn.commit()
+            except BaseException:
+                await pool._give_back(entry, warn=False)
+                raise
+        await pool._give_back(entry, warn=False)
+
+
+async def _maintenance_loop(pool_ref: weakref.ref[AsyncPool]) -> None:
+    """Run maintenance steps until the pool closes or is garbage collected."""
+    while True:
+        pool = pool_ref()
+        if pool is None or pool._core.closed:
+            return
+        try:
+            delay = await pool._maintain()
+        except Exception:
+            logger.exception("maintenance of pool %r failed", pool.name)
+            delay = pool._tick
+        wakeup = pool._wakeup
+        del pool
+        assert wakeup is not None
+        await wakeup.wait_timeout(delay)
+        wakeup.clear()
+
+
+async def _connect_one(pool: AsyncPool) -> None:
+    """Open one connection and give it to the core; report failures."""
+    core = pool._core
+    try:
+        entry = await pool._connect()
+    except BaseException as ex:
+        now = monotonic()
+        msg = pool._redact(str(ex).strip() or type(ex).__name__)
+        sqlstate = getattr(ex, "sqlstate", None)
+        unreachable = sqlstate is None or sqlstate.startswith(("08", "57P"))
+        with pool._lock:
+            core.connect_failed(msg, now, unreachable)
+        logger.warning("pool %r could not connect: %s", pool.name, msg)
+        if pool._wakeup is not None:
+            pool._wakeup.set()
+        if not isinstance(ex, Exception):
+            raise
+        return
+    now = monotonic()
+    with pool._lock:
+        waiter = core.connect_succeeded(entry, now)
+        pool._after_change_locked()
+        ready = len(core.entries) >= core.min_size
+    if waiter is not None:
+        waiter.wake()
+    if ready and pool._ready is not None:
+        pool._ready.set()
+
+
+async def _close_entries(pool: AsyncPool, entries: list[tuple[Entry, str]]) -> None:
+    for entry, _ in entries:
+        await pool._close_conn(entry)
+
+
+async def _check_entry(pool: AsyncPool, entry: Entry) -> None:
+    await pool._check_idle(entry)
+
+
+def _lost_callback(lost: list[Entry], entry: Entry) -> Callable[[Any], None]:
+    """The callback of the weak reference to a handle on loan."""
+
+    def on_handle_collected(ref: Any) -> None:
+        # Runs wherever the garbage collector runs: only note it.
+        if entry.handle_ref is ref:
+            lost.append(entry)
+
+    return on_handle_collected
+
+
+def _doom_on_fatal(entry: Entry) -> Callable[[psycopg.errors.Diagnostic], None]:
+    def on_notice(diag: psycopg.errors.Diagnostic) -> None:
+        if diag.severity_nonlocalized in ("FATAL", "PANIC"):
+            entry.doomed = True
+
+    return on_notice
+
+
+def _shutdown_socket(conn: Any) -> None:
+    """End a connection's TCP session without touching its libpq state.
+
+    Safe while another thread or task uses the connection: its next read
+    sees the end of the stream and fails cleanly.
+    """
+    try:
+        fd = conn.pgconn.socket
+        with socket.socket(fileno=fd) as s:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            finally:
+                s.detach()
+    except Exception:
+        pass
+

@@ -1,0 +1,98 @@
+"""What `pool.stats()` returns: a frozen picture of one pool, taken without I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ._core import BUSY, PoolCore
+
+
+@dataclass(frozen=True, slots=True)
+class LaneStats:
+    """One lane's use of the pool."""
+
+    in_use: int
+    waiting: int
+    reserved: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A consistent picture of one pool at one instant.
+
+    Gauges describe now; `*_total` counters count since the pool was created.
+    Wait percentiles cover every borrow so far, a borrow served at once counting
+    as a wait of 0.
+    """
+
+    name: str
+    min_size: int
+    max_size: int
+    size: int  # connections open or being opened
+    idle: int
+    in_use: int
+    opening: int
+    waiting: int
+    lanes: Mapping[str, LaneStats]
+    borrowed_total: int
+    timeouts_total: int
+    overloaded_total: int
+    validation_failures_total: int
+    evictions_total: int
+    leaks_total: int
+    reclaimed_total: int
+    connections_opened_total: int
+    connections_closed_total: int
+    connection_errors_total: int
+    connections_lost_total: int
+    longest_held_seconds: float
+    wait_p50_seconds: float
+    wait_p95_seconds: float
+    wait_p99_seconds: float
+    wait_max_seconds: float
+    server_down: bool
+    last_error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with the same field names."""
+        return asdict(self)
+
+
+def snapshot(core: PoolCore, name: str, now: float) -> PoolStats:
+    """Read `core` (under the pool's lock) into a `PoolStats`."""
+    held = [now - e.held_since for e in core.entries if e.state == BUSY]
+    return PoolStats(
+        name=name,
+        min_size=core.min_size,
+        max_size=core.max_size,
+        size=core.size,
+        idle=len(core.idle),
+        in_use=core.busy,
+        opening=core.opening,
+        waiting=core.n_waiting,
+        lanes={
+            lane.name: LaneStats(lane.in_use, lane.n_waiting, lane.reserved, lane.limit)
+            for lane in core.lanes.values()
+        },
+        borrowed_total=core.borrowed_total,
+        timeouts_total=core.timeouts_total,
+        overloaded_total=core.overloaded_total,
+        validation_failures_total=core.validation_failures_total,
+        evictions_total=core.evictions_total,
+        leaks_total=core.leaks_total,
+        reclaimed_total=core.reclaimed_total,
+        connections_opened_total=core.opened_total,
+        connections_closed_total=core.closed_total,
+        connection_errors_total=core.connect_errors_total,
+        connections_lost_total=core.lost_total,
+        longest_held_seconds=max(held, default=0.0),
+        wait_p50_seconds=core.wait_percentile(0.50),
+        wait_p95_seconds=core.wait_percentile(0.95),
+        wait_p99_seconds=core.wait_percentile(0.99),
+        wait_max_seconds=core.wait_max,
+        server_down=core.down,
+        last_error=core.last_error,
+    )
