@@ -10,8 +10,8 @@ import asyncio
 import logging
 import threading
 import time
-from time import monotonic
 from collections.abc import Callable, Coroutine
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from . import _core
@@ -91,6 +91,9 @@ class AEvent:
     def clear(self) -> None:
         self._event.clear()
 
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
     async def wait_timeout(self, timeout: float) -> bool:
         try:
             async with asyncio.timeout(max(timeout, 0.0)):
@@ -113,6 +116,9 @@ class Event:
 
     def clear(self) -> None:
         self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
 
     def wait_timeout(self, timeout: float) -> bool:
         return self._event.wait(max(timeout, 0.0))

@@ -50,9 +50,10 @@ BACKOFF_JITTER = 0.2
 MAX_CONCURRENT_CONNECTS = 3
 
 # Upper bounds (seconds) of the acquire-wait histogram buckets.
-WAIT_BUCKETS: tuple[float, ...] = tuple(
-    b * 10.0**e for e in range(-5, 2) for b in (1.0, 2.0, 5.0)
-) + (math.inf,)
+WAIT_BUCKETS: tuple[float, ...] = (
+    *(b * 10.0**e for e in range(-5, 2) for b in (1.0, 2.0, 5.0)),
+    math.inf,
+)
 
 # Entry states.
 IDLE = 0
@@ -90,20 +91,20 @@ class Entry:
 
     __slots__ = (
         "conn",
-        "pid",
         "created_at",
-        "expires_at",
-        "last_ok",
-        "last_checked",
-        "state",
-        "lane",
-        "held_since",
-        "site",
-        "holder",
-        "leak_reported",
-        "handle_ref",
-        "lost_cb",
         "doomed",
+        "expires_at",
+        "handle_ref",
+        "held_since",
+        "holder",
+        "lane",
+        "last_checked",
+        "last_ok",
+        "leak_reported",
+        "lost_cb",
+        "pid",
+        "site",
+        "state",
     )
 
     def __init__(self, conn: Any, pid: int, now: float, expires_at: float) -> None:
@@ -131,7 +132,7 @@ class Entry:
 class Lane:
     """A named budget of connections (see the module docstring)."""
 
-    __slots__ = ("name", "reserved", "limit", "in_use", "waiters", "n_waiting")
+    __slots__ = ("in_use", "limit", "n_waiting", "name", "reserved", "waiters")
 
     def __init__(self, spec: LaneSpec) -> None:
         self.name = spec.name
@@ -151,7 +152,7 @@ class Lane:
 class Actions:
     """I/O the shell must do after a maintenance step, outside the lock."""
 
-    __slots__ = ("close", "check", "connects", "leaks", "wake")
+    __slots__ = ("check", "close", "connects", "leaks", "wake")
 
     def __init__(self) -> None:
         self.close: list[tuple[Entry, str]] = []  # entry, reason
@@ -305,7 +306,9 @@ class PoolCore:
         """
         if waiter.state != WAITING:
             return False
-        if now >= waiter.deadline or (self.down and now - waiter.since >= FAST_FAIL_WAIT):
+        if now >= waiter.deadline or (
+            self.down and now - waiter.since >= FAST_FAIL_WAIT
+        ):
             self._forget_waiter(waiter)
             self.timeouts_total += 1
             return True
@@ -346,7 +349,11 @@ class PoolCore:
                 waiters.popleft()
             while waiters and not waiters[0].accepts():
                 self._forget_waiter(waiters.popleft())
-            if waiters and self.can_take(lane) and (best is None or waiters[0].seq < best.seq):
+            if (
+                waiters
+                and self.can_take(lane)
+                and (best is None or waiters[0].seq < best.seq)
+            ):
                 best = waiters[0]
         return best
 
@@ -431,7 +438,9 @@ class PoolCore:
     def new_entry(self, conn: Any, pid: int, now: float) -> Entry:
         """Make the entry for a freshly opened connection (not yet added)."""
         lifetime = self.max_lifetime
-        expires = now + lifetime * (1.0 - 0.05 * self._rng.random()) if lifetime else math.inf
+        expires = (
+            now + lifetime * (1.0 - 0.05 * self._rng.random()) if lifetime else math.inf
+        )
         return Entry(conn, pid, now, expires)
 
     def connect_succeeded(self, entry: Entry, now: float) -> Waiter | None:
@@ -454,7 +463,9 @@ class PoolCore:
         self.last_error = error
         self.last_error_at = now
         self._failures += 1
-        delay = min(BACKOFF_CAP, BACKOFF_INITIAL * BACKOFF_FACTOR ** (self._failures - 1))
+        delay = min(
+            BACKOFF_CAP, BACKOFF_INITIAL * BACKOFF_FACTOR ** (self._failures - 1)
+        )
         delay *= 1.0 + BACKOFF_JITTER * (2.0 * self._rng.random() - 1.0)
         self.next_connect_at = now + delay
         if unreachable:
@@ -536,7 +547,9 @@ class PoolCore:
 
         if self.test_while_idle and now >= self.next_eviction_at:
             self.next_eviction_at = now + self.eviction_interval
-            for entry in sorted(idle, key=_by_last_checked)[: self.tests_per_eviction_run]:
+            for entry in sorted(idle, key=_by_last_checked)[
+                : self.tests_per_eviction_run
+            ]:
                 idle.remove(entry)
                 entry.state = CHECKING
                 self.checking += 1

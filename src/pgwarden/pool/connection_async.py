@@ -2,9 +2,9 @@
 
 A borrower gets a *handle*: an instance of the class below that shares its
 state with the pool's own connection object, so it is a real
-`psycopg.AsyncConnection` with no proxy in the way. When the connection is given back, the handle is detached:
-any further use raises `ConnectionReturned`, so a stale handle can never run on
-a connection that now belongs to someone else.
+`psycopg.AsyncConnection` with no proxy in the way. When the connection is
+given back, the handle is detached: any further use raises `ConnectionReturned`,
+so a stale handle can never run on a connection that now belongs to someone else.
 
 Every operation goes through `wait()`, which enforces the pool's client-side
 `query_timeout`: a query that outlives it is cancelled (best effort) and its
@@ -13,7 +13,7 @@ connection closed, and the caller gets `QueryTimeout`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import errors as e
@@ -22,6 +22,9 @@ from psycopg.abc import RV, PQGen
 from psycopg.pq import TransactionStatus
 
 from ..errors import ConnectionReturned, QueryTimeout
+
+if TYPE_CHECKING:
+    from ._core import Entry
 
 # How often a wait wakes up to notice interrupts (as psycopg does).
 _WAIT_INTERVAL = 0.1
@@ -38,6 +41,7 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
 
     # Per handle, not shared: the pool's Entry while on loan, else None.
     __slots__ = ("_pgw_entry",)
+    _pgw_entry: Entry | None
 
     _pgw_timeout: float | None  # client-side timeout of every operation
     _pgw_pool: str  # the owning pool's name, for messages
@@ -92,6 +96,6 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
             return f"<{type(self).__qualname__} [returned to the pool]>"
         return super().__repr__()
 
-    def __del__(self) -> None:
+    def __del__(self, _warn: Any = None, /) -> None:
         # The pool owns the connection and closes it; handles just go away.
         pass

@@ -267,17 +267,18 @@ class AsyncPool:
                 f"pool {self.name!r} is {'closed' if core.closed else 'not open'}"
             )
         now = monotonic()
-        deadline = now + (self.config.connection_timeout if timeout is None else timeout)
+        deadline = now + (
+            self.config.connection_timeout if timeout is None else timeout
+        )
         while True:
-            waiter = None
             with self._lock:
                 entry = core.try_acquire(lane, now)
-                if entry is None:
-                    waiter = self._enqueue(lane, now, deadline)
-                elif core._to_close:
+                waiter = None if entry else self._enqueue(lane, now, deadline)
+                if core._to_close:
                     self._after_change_locked()
             if waiter is not None:
                 entry = await self._wait_for(waiter)
+            assert entry is not None
             if not self._test_on_borrow:
                 break
             if self._alive(entry):
@@ -379,6 +380,7 @@ class AsyncPool:
         pgconn = entry.conn.pgconn
         try:
             pgconn.consume_input()
+            pgconn.is_busy()  # parses what came; a FATAL notice dooms the entry
         except psycopg.OperationalError:
             return False
         return pgconn.status == _OK and not entry.doomed
@@ -396,7 +398,9 @@ class AsyncPool:
         entry.last_ok = entry.last_checked = monotonic()
         return True
 
-    async def _run_validation(self, conn: AsyncPooledConnection, timeout: float) -> None:
+    async def _run_validation(
+        self, conn: AsyncPooledConnection, timeout: float
+    ) -> None:
         autocommit = conn.autocommit
         conn._pgw_timeout = timeout
         try:
@@ -504,7 +508,7 @@ class AsyncPool:
             return False
         finally:
             conn._pgw_timeout = self._query_timeout
-        return conn.pgconn.transaction_status == _IDLE
+        return bool(conn.pgconn.transaction_status == _IDLE)
 
     def _release(self, entry: Entry, reusable: bool) -> None:
         """Hand a returned connection to the next waiter or the idle stack."""
@@ -553,7 +557,8 @@ class AsyncPool:
         conn._pgw_entry = None
         conn._pgw_timeout = self._query_timeout
         conn._pgw_pool = self.name
-        conn._pool = self._ref
+        # psycopg only tests `_pool` for presence; a weak reference avoids a cycle.
+        conn._pool = self._ref  # type: ignore[assignment]
         entry = self._core.new_entry(conn, conn.info.backend_pid, monotonic())
         entry.lost_cb = _lost_callback(self._lost, entry)
         conn.add_notice_handler(_doom_on_fatal(entry))
@@ -573,8 +578,7 @@ class AsyncPool:
                 await self._run_validation(entry.conn, self.config.validation_timeout)
             except Exception as ex:
                 logger.info(
-                    "idle connection (backend pid %s) of pool %r failed validation:"
-                    " %s",
+                    "idle connection (backend pid %s) of pool %r failed validation: %s",
                     entry.pid,
                     self.name,
                     self._redact(str(ex)),
@@ -606,7 +610,9 @@ class AsyncPool:
             act = core.maintain(now)
             self._start_connects(act.connects)
             delay = self._tick
-            if (core.size < core.min_size or core.n_waiting) and core.next_connect_at > now:
+            if (
+                core.size < core.min_size or core.n_waiting
+            ) and core.next_connect_at > now:
                 delay = min(delay, core.next_connect_at - now)
         for entry in reclaimed:
             logger.warning("%s", _messages.reclaim_message(entry, self.name, now))
@@ -643,7 +649,9 @@ class _AsyncConnectionBlock:
 
     __slots__ = ("_conn", "_lane", "_pool", "_timeout")
 
-    def __init__(self, pool: AsyncPool, lane: str | None, timeout: float | None) -> None:
+    def __init__(
+        self, pool: AsyncPool, lane: str | None, timeout: float | None
+    ) -> None:
         self._pool = pool
         self._lane = lane
         self._timeout = timeout
@@ -763,4 +771,3 @@ def _shutdown_socket(conn: Any) -> None:
                 s.detach()
     except Exception:
         pass
-

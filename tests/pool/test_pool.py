@@ -1,0 +1,686 @@
+# WARNING: generated from test_pool_async.py by tools/async_to_sync.py.
+# DO NOT CHANGE THIS FILE: change test_pool_async.py and run the tool.
+"""Pool against a real server. `test_pool.py` is generated from this file."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from pgwarden import (
+    ConfigError,
+    ConnectionReturned,
+    Pool,
+    PoolClosed,
+    PoolOverloaded,
+    PoolTimeout,
+    QueryTimeout,
+    UnknownLane,
+)
+from pgwarden.pool._acompat import Event
+from tests._util import wait_until
+from tests.pool._helpers import backend_pids, free_port, run_all, unique_app
+
+
+def run_blocking(func: Callable[..., Any], *args: Any) -> Any:
+    return func(*args)
+
+
+asleep = time.sleep
+
+
+def small_pool(dsn: str, **kwargs: Any) -> Pool:
+    """A pool with test-sized timeouts."""
+    settings: dict[str, Any] = {
+        "min_size": 1,
+        "max_size": 4,
+        "connection_timeout": 3.0,
+        "application_name": unique_app(),
+    }
+    settings.update(kwargs)
+    return Pool(dsn, **settings)
+
+
+def query_pid(conn: Any) -> int:
+    cur = conn.execute("SELECT pg_backend_pid()")
+    row = cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# -- configuration and basics -------------------------------------------------
+
+
+def test_session_settings_come_from_the_config(dsn: str) -> None:
+    with small_pool(dsn, statement_timeout="30s") as pool:
+        with pool.connection() as conn:
+            cur = conn.execute(
+                "SELECT current_setting('statement_timeout'),"
+                " current_setting('idle_in_transaction_session_timeout'),"
+                " current_setting('application_name')"
+            )
+            assert cur.fetchone() == ("30s", "5min", pool.config.application_name)
+
+
+def test_pool_accepts_a_config_and_overrides(dsn: str) -> None:
+    from pgwarden import PoolConfig
+
+    config = PoolConfig(conninfo=dsn, min_size=0, max_size=3)
+    pool = Pool(config, max_size=2, name="mine")
+    assert pool.config.max_size == 2 and pool.config.conninfo == dsn
+    assert pool.name == "mine" and "mine" in repr(pool)
+    with pytest.raises(ConfigError, match="min_size"):
+        Pool(config, min_size=5)
+
+
+def test_borrow_before_open_or_after_close_raises(dsn: str) -> None:
+    pool = small_pool(dsn)
+    with pytest.raises(PoolClosed, match="not open"):
+        pool.getconn()
+    pool.open()
+    pool.close()
+    with pytest.raises(PoolClosed, match="closed"):
+        pool.getconn()
+    with pytest.raises(PoolClosed):
+        pool.open()
+
+
+def test_min_size_kept_and_max_size_never_exceeded(dsn: str, admin: Any) -> None:
+    with small_pool(dsn, min_size=2, max_size=4) as pool:
+        app = pool.config.application_name
+        pool.wait(5)
+        assert pool.stats().size == 2
+        wait_until(lambda: len(backend_pids(admin, app)) == 2)
+
+        peak = 0
+
+        def worker() -> None:
+            nonlocal peak
+            with pool.connection() as conn:
+                conn.execute("SELECT pg_sleep(0.05)")
+                peak = max(peak, pool.stats().in_use)
+                assert len(backend_pids(admin, app)) <= 4
+
+        run_all([worker for _ in range(12)])
+        stats = pool.stats()
+        assert peak <= 4 and stats.size <= 4
+        assert stats.in_use == 0 and stats.waiting == 0
+        assert stats.borrowed_total == 12
+        wait_until(lambda: len(backend_pids(admin, app)) == pool.stats().size)
+
+
+def test_idle_connections_closed_down_to_min_size(dsn: str, admin: Any) -> None:
+    with small_pool(dsn, min_size=1, max_size=4, idle_timeout=0.3) as pool:
+        app = pool.config.application_name
+        conns = [pool.getconn(timeout=5) for _ in range(4)]
+        assert pool.stats().size == 4
+        for conn in conns:
+            pool.putconn(conn)
+        wait_until(lambda: pool.stats().size == 1, message="shrink to min_size")
+        wait_until(lambda: len(backend_pids(admin, app)) == 1)
+        assert pool.stats().evictions_total == 3
+
+
+def test_borrows_are_served_first_come_first_served(dsn: str) -> None:
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        order: list[int] = []
+        holder = pool.getconn()
+
+        def worker(i: int) -> Callable[[], Any]:
+            def run() -> None:
+                wait_until(lambda: pool.stats().waiting == i)
+                with pool.connection(timeout=5):
+                    order.append(i)
+
+            return run
+
+        def release() -> None:
+            wait_until(lambda: pool.stats().waiting == 5)
+            pool.putconn(holder)
+
+        run_all([worker(i) for i in range(5)] + [release])
+        assert order == list(range(5))
+
+
+# -- validation ---------------------------------------------------------------
+
+
+def test_terminated_idle_connections_are_never_handed_out(dsn: str, admin: Any) -> None:
+    with small_pool(dsn, min_size=4, max_size=4) as pool:
+        app = pool.config.application_name
+        pool.wait(5)
+        old = set(backend_pids(admin, app))
+        admin.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+            " WHERE application_name = %s",
+            [app],
+        )
+        # At once, every borrow works, even of connections used a moment ago.
+        conns = [pool.getconn(timeout=5) for _ in range(4)]
+        pids = {query_pid(conn) for conn in conns}
+        assert not pids & old and len(pids) == 4
+        for conn in conns:
+            pool.putconn(conn)
+        stats = pool.stats()
+        assert stats.validation_failures_total == 4
+        assert stats.connections_lost_total >= 4
+
+
+def test_terminated_right_after_use_is_caught(dsn: str, admin: Any) -> None:
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        for _ in range(3):
+            with pool.connection() as conn:
+                pid = query_pid(conn)
+            admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+            with pool.connection() as conn:
+                assert query_pid(conn) != pid
+
+
+def test_eviction_validates_idle_connections(dsn: str, admin: Any) -> None:
+    with small_pool(
+        dsn, min_size=2, max_size=2, eviction_interval=0.1, tests_per_eviction_run=2
+    ) as pool:
+        app = pool.config.application_name
+        pool.wait(5)
+        old = set(backend_pids(admin, app))
+        admin.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+            " WHERE application_name = %s",
+            [app],
+        )
+
+        def replaced() -> bool:
+            pids = set(backend_pids(admin, app))
+            return len(pids) == 2 and not pids & old and pool.stats().idle == 2
+
+        wait_until(replaced, message="both idle connections replaced")
+        assert pool.stats().borrowed_total == 0
+        assert pool.stats().validation_failures_total == 2
+
+
+def test_max_lifetime_is_enforced_at_hand_out(dsn: str) -> None:
+    with small_pool(dsn, min_size=1, max_size=1, max_lifetime=0.3) as pool:
+        with pool.connection() as conn:
+            first = query_pid(conn)
+        asleep(0.35)  # let the lifetime run out
+        with pool.connection(timeout=5) as conn:
+            assert query_pid(conn) != first
+
+
+# -- timeouts -----------------------------------------------------------------
+
+
+def test_query_timeout_raises_and_closes_the_connection(dsn: str, admin: Any) -> None:
+    with small_pool(dsn, min_size=1, max_size=1, query_timeout=1) as pool:
+        with pool.connection() as conn:
+            pid = query_pid(conn)
+        t0 = time.monotonic()
+        with pytest.raises(QueryTimeout, match="query_timeout"):
+            with pool.connection() as conn:
+                conn.execute("SELECT pg_sleep(10)")
+        elapsed = time.monotonic() - t0
+        assert 0.9 <= elapsed < 2.0, elapsed
+        with pool.connection(timeout=5) as conn:
+            assert query_pid(conn) != pid
+        wait_until(lambda: pid not in backend_pids(admin, None))
+
+
+def test_pool_timeout_names_holders_and_usage(dsn: str) -> None:
+    with small_pool(dsn, min_size=1, max_size=2) as pool:
+        line = sys._getframe().f_lineno + 1
+        held = [pool.getconn(), pool.getconn()]
+        t0 = time.monotonic()
+        with pytest.raises(PoolTimeout) as info:
+            pool.getconn(timeout=0.2)
+        assert 0.2 <= time.monotonic() - t0 < 1.5
+        msg = str(info.value)
+        assert "2 of 2 in use" in msg
+        assert f"test_pool_async.py:{line}" in msg.replace(
+            "test_pool.py", "test_pool_async.py"
+        )
+        assert "test_pool_timeout_names_holders_and_usage" in msg
+        assert isinstance(info.value, psycopg.OperationalError)
+        assert pool.stats().timeouts_total == 1
+        for conn in held:
+            pool.putconn(conn)
+
+
+def test_max_waiting_refuses_at_once(dsn: str) -> None:
+    with small_pool(dsn, min_size=1, max_size=1, max_waiting=1) as pool:
+        held = pool.getconn()
+
+        def waiter() -> None:
+            with pool.connection(timeout=5):
+                pass
+
+        def overflow() -> None:
+            wait_until(lambda: pool.stats().waiting == 1)
+            t0 = time.monotonic()
+            with pytest.raises(PoolOverloaded, match="max_waiting=1"):
+                pool.getconn()
+            assert time.monotonic() - t0 < 0.5
+            pool.putconn(held)
+
+        run_all([waiter, overflow])
+        assert pool.stats().overloaded_total == 1
+
+
+def test_open_wait_times_out_with_the_connection_error(dsn: str) -> None:
+    bad = make_conninfo(dsn, port=free_port())
+    pool = small_pool(bad, min_size=1)
+    with pytest.raises(PoolTimeout, match="last connection error") as info:
+        pool.open(wait=True, timeout=1)
+    assert info.value.last_error
+    pool.close()
+
+
+# -- giving back --------------------------------------------------------------
+
+
+def test_no_half_done_work_is_ever_committed(dsn: str, admin: Any) -> None:
+    admin.execute("CREATE TABLE t (x int)")
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        with pytest.raises(ZeroDivisionError):
+            with pool.connection() as conn:
+                conn.execute("INSERT INTO t VALUES (1)")
+                1 / 0  # noqa: B018
+
+        conn = pool.getconn()
+        conn.execute("INSERT INTO t VALUES (2)")
+        pool.putconn(conn)
+
+        with pool.connection() as conn:
+            conn.execute("INSERT INTO t VALUES (3)")
+            cur = conn.execute("SELECT count(*) FROM t")
+            assert cur.fetchone() == (1,)
+    cur = admin.execute("SELECT x FROM t")
+    assert cur.fetchall() == [(3,)]
+
+
+def test_intrans_given_back_is_rolled_back_with_a_warning(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pgwarden")
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        conn = pool.getconn()
+        pid = query_pid(conn)
+        pool.putconn(conn)
+        with pool.connection() as conn:
+            assert query_pid(conn) == pid
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    assert any("inside a transaction" in r.getMessage() for r in caplog.records)
+
+
+def test_failed_transaction_is_rolled_back_and_reused(dsn: str) -> None:
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        conn = pool.getconn()
+        pid = query_pid(conn)
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1 / 0")
+        pool.putconn(conn)
+        with pool.connection() as conn:
+            assert query_pid(conn) == pid
+
+
+def test_broken_connection_is_replaced(dsn: str, admin: Any) -> None:
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        with pytest.raises(psycopg.OperationalError):
+            with pool.connection() as conn:
+                pid = query_pid(conn)
+                admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+                conn.execute("SELECT 1")
+        with pool.connection(timeout=5) as conn:
+            assert query_pid(conn) != pid
+        assert pool.stats().size == 1
+
+
+def test_stale_handles_and_double_returns_raise(dsn: str) -> None:
+    with small_pool(dsn) as pool, small_pool(dsn) as other:
+        conn = pool.getconn()
+        pool.putconn(conn)
+        with pytest.raises(ConnectionReturned):
+            conn.execute("SELECT 1")
+        with pytest.raises(ConnectionReturned, match="not on loan"):
+            pool.putconn(conn)
+        assert "returned to the pool" in repr(conn)
+
+        with pool.connection() as conn2:
+            pass
+        with pytest.raises(ConnectionReturned):
+            conn2.execute("SELECT 1")
+
+        foreign = other.getconn()
+        with pytest.raises(ConnectionReturned, match="another pool"):
+            pool.putconn(foreign)
+        other.putconn(foreign)
+        assert pool.stats().in_use == 0 and other.stats().in_use == 0
+
+        with pytest.raises(ConnectionReturned, match="not on loan"):
+            pool.putconn(psycopg.Connection.connect(dsn))
+
+
+def test_handle_is_a_real_psycopg_connection(dsn: str) -> None:
+    with small_pool(dsn) as pool, pool.connection() as conn:
+        assert isinstance(conn, psycopg.Connection)
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+        with conn.transaction():
+            conn.execute("SELECT 1")
+
+
+# -- leaks ----------------------------------------------------------------------
+
+
+def test_leak_warning_names_the_place_and_the_return(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pgwarden")
+    with small_pool(dsn, leak_detection_threshold=0.2) as pool:
+        line = sys._getframe().f_lineno + 1
+        conn = pool.getconn()
+
+        def warned() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if "possible connection leak" in r.getMessage()
+            ]
+
+        (msg,) = wait_until(warned, message="a leak warning")
+        here = msg.replace("test_pool.py", "test_pool_async.py")
+        assert f"test_pool_async.py:{line} in test_leak_warning" in here
+        assert "leak_detection_threshold=0.2 s" in msg
+        assert "held for" in msg and "lane 'default'" in msg
+        assert pool.stats().leaks_total == 1
+        pool.putconn(conn)
+        assert any("was given back after" in r.getMessage() for r in caplog.records)
+
+
+def test_garbage_collected_handle_is_reclaimed(
+    dsn: str, admin: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin.execute("CREATE TABLE t (x int)")
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        conn = pool.getconn()
+        conn.execute("INSERT INTO t VALUES (1)")
+        del conn
+        gc.collect()
+        wait_until(lambda: pool.stats().reclaimed_total == 1)
+        with pool.connection(timeout=5) as conn:
+            conn.execute("SELECT 1")
+        assert any("garbage collected" in r.getMessage() for r in caplog.records)
+    assert admin.execute("SELECT count(*) FROM t").fetchone() == (0,)
+
+
+# -- lanes ----------------------------------------------------------------------
+
+
+def test_unknown_lane_is_a_value_error(dsn: str) -> None:
+    with small_pool(dsn, lanes="a:1:2") as pool:
+        with pytest.raises(UnknownLane, match="'b'") as info:
+            pool.getconn(lane="b")
+        assert isinstance(info.value, ValueError)
+
+
+def test_lane_limit_and_reservation(dsn: str) -> None:
+    with small_pool(dsn, min_size=0, max_size=4, lanes="a:2:3,b:1:2") as pool:
+        a = [pool.getconn(lane="a", timeout=5) for _ in range(3)]
+        # a is at its limit: it waits even though the pool could open more.
+        with pytest.raises(PoolTimeout, match="limit of 3"):
+            pool.getconn(lane="a", timeout=0.2)
+        # b's reservation is still there for it...
+        b = [pool.getconn(lane="b", timeout=5)]
+        # ...but the one shared connection is taken by a: b and default wait.
+        with pytest.raises(PoolTimeout):
+            pool.getconn(lane="b", timeout=0.2)
+        with pytest.raises(PoolTimeout):
+            pool.getconn(timeout=0.2)
+        lanes = pool.stats().lanes
+        assert (lanes["a"].in_use, lanes["b"].in_use, lanes["default"].in_use) == (
+            3,
+            1,
+            0,
+        )
+        # When a gives back its shared connection, b may take it.
+        pool.putconn(a.pop())
+        b.append(pool.getconn(lane="b", timeout=5))
+        for conn in a + b:
+            pool.putconn(conn)
+
+
+def test_reserved_lane_is_served_while_others_saturate(dsn: str) -> None:
+    with small_pool(dsn, min_size=4, max_size=6, lanes="calls:2:2,api:0:6") as pool:
+        pool.wait(5)
+        stop = Event()
+        waits: list[float] = []
+
+        def hammer(lane: str) -> Callable[[], Any]:
+            def run() -> None:
+                while not stop.is_set():
+                    try:
+                        t0 = time.monotonic()
+                        with pool.connection(lane=lane, timeout=2) as conn:
+                            if lane == "calls":
+                                waits.append(time.monotonic() - t0)
+                            conn.execute("SELECT pg_sleep(0.01)")
+                            lanes = pool.stats().lanes
+                            assert lanes["calls"].in_use <= 2
+                            assert lanes["api"].in_use <= 4  # 6 minus calls' 2
+                    except PoolTimeout:
+                        assert lane == "api"  # api may time out; calls must not
+
+            return run
+
+        def stopper() -> None:
+            wait_until(lambda: len(waits) >= 30, timeout=20)
+            stop.set()
+
+        run_all([hammer("api") for _ in range(12)] + [hammer("calls")] + [stopper])
+        # The calls lane never queued behind api: it had its own connections.
+        assert max(waits) < 0.5, max(waits)
+
+
+# -- server faults --------------------------------------------------------------
+
+
+def test_server_restart_under_load(dsn: str, pg_server: Any) -> None:
+    with small_pool(dsn, min_size=2, max_size=4, connection_timeout=2) as pool:
+        pool.wait(5)
+        stop = Event()
+        ok_after: list[float] = []
+        errors: list[BaseException] = []
+        restarted_at: list[float] = []
+
+        def worker() -> Callable[[], Any]:
+            def run() -> None:
+                while not stop.is_set():
+                    try:
+                        with pool.connection() as conn:
+                            conn.execute("SELECT 1")
+                        if restarted_at:
+                            ok_after.append(time.monotonic())
+                    except psycopg.OperationalError as ex:
+                        errors.append(ex)
+                        asleep(0.01)
+
+            return run
+
+        def restarter() -> None:
+            wait_until(lambda: pool.stats().borrowed_total > 50)
+            run_blocking(pg_server.restart, "fast")
+            restarted_at.append(time.monotonic())
+            wait_until(lambda: len(ok_after) > 20, timeout=15)
+            stop.set()
+
+        t0 = time.monotonic()
+        run_all([worker() for _ in range(6)] + [restarter])
+        assert time.monotonic() - t0 < 30
+        wait_until(lambda: pool.stats().size >= 2 and pool.stats().idle >= 2)
+        stats = pool.stats()
+        assert stats.in_use == 0 and stats.waiting == 0 and stats.size <= 4
+
+
+def test_server_down_fails_fast_then_recovers(dsn: str, pg_server: Any) -> None:
+    with small_pool(dsn, min_size=2, max_size=2, connection_timeout=10) as pool:
+        pool.wait(5)
+        run_blocking(pg_server.stop, "fast")
+        try:
+            # The pool finds out, then callers stop piling up for 10 s.
+            wait_until(lambda: pool.stats().server_down, timeout=10)
+            t0 = time.monotonic()
+            with pytest.raises(PoolTimeout, match="unreachable") as info:
+                pool.getconn()
+            assert time.monotonic() - t0 < 2.0
+            assert info.value.last_error
+        finally:
+            run_blocking(pg_server.start)
+        wait_until(lambda: pool.stats().idle == 2, timeout=10)
+        with pool.connection(timeout=5) as conn:
+            conn.execute("SELECT 1")
+        assert not pool.stats().server_down
+
+
+# -- lifecycle ------------------------------------------------------------------
+
+
+def test_close_fails_waiters_and_closes_everything(dsn: str, admin: Any) -> None:
+    pool = small_pool(dsn, min_size=2, max_size=2)
+    app = pool.config.application_name
+    pool.open(wait=True)
+    held = [pool.getconn(), pool.getconn()]
+    outcome: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            pool.getconn(timeout=10)
+        except PoolClosed as ex:
+            outcome.append(ex)
+
+    def closer() -> None:
+        wait_until(lambda: pool.stats().waiting == 1)
+        pool.close(timeout=0.5)
+
+    run_all([waiter, closer])
+    assert len(outcome) == 1
+    # The two connections still on loan were cut off: their backends are gone.
+    wait_until(lambda: not backend_pids(admin, app), message="no backends left")
+    with pytest.raises(psycopg.OperationalError):
+        held[0].execute("SELECT 1")
+    pool.putconn(held[0])
+    assert pool.stats().size == 1
+
+
+def test_resize(dsn: str, admin: Any) -> None:
+    with small_pool(dsn, min_size=1, max_size=2) as pool:
+        app = pool.config.application_name
+        pool.resize(3, 5)
+        wait_until(lambda: pool.stats().size == 3)
+        assert pool.stats().max_size == 5
+        pool.resize(1, 1)
+        wait_until(lambda: len(backend_pids(admin, app)) == 1)
+        with pytest.raises(ConfigError):
+            pool.resize(3, 2)
+
+
+def test_stats_fields(dsn: str) -> None:
+    with small_pool(dsn, min_size=1, max_size=2, lanes="x:1:1") as pool:
+        with pool.connection(lane="x"):
+            stats = pool.stats()
+            assert stats.in_use == 1 and stats.lanes["x"].in_use == 1
+            assert stats.longest_held_seconds >= 0
+        d = pool.stats().as_dict()
+        for key in (
+            "size",
+            "idle",
+            "in_use",
+            "waiting",
+            "lanes",
+            "borrowed_total",
+            "timeouts_total",
+            "validation_failures_total",
+            "evictions_total",
+            "leaks_total",
+            "longest_held_seconds",
+            "wait_p50_seconds",
+            "wait_p99_seconds",
+        ):
+            assert key in d
+        assert d["lanes"]["x"] == {"in_use": 0, "waiting": 0, "reserved": 1, "limit": 1}
+
+
+def test_password_never_shown(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = "Sup3r-S3cret-pw"
+    bad = make_conninfo(dsn, password=secret, port=free_port())
+    pool = small_pool(bad, min_size=1)
+    assert secret not in repr(pool) and secret not in repr(pool.config)
+    pool.open()
+    with pytest.raises(PoolTimeout) as info:
+        pool.getconn(timeout=0.5)
+    assert secret not in str(info.value)
+    assert secret not in str(pool.stats())
+    pool.close()
+    assert caplog.records and secret not in caplog.text
+
+
+# -- stress ---------------------------------------------------------------------
+
+
+def test_random_stress_single_owner_and_counts_add_up(dsn: str, admin: Any) -> None:
+    rng = random.Random(20261127)
+    with small_pool(
+        dsn, min_size=1, max_size=5, lanes="a:1:3,b:1:4", max_waiting=0
+    ) as pool:
+        app = pool.config.application_name
+        owner: dict[int, int] = {}
+
+        def worker(n: int) -> Callable[[], Any]:
+            def run() -> tuple[int, int]:
+                ok = timeouts = 0
+                for _ in range(40):
+                    lane = rng.choice(["a", "b", None])
+                    try:
+                        conn = pool.getconn(lane=lane, timeout=rng.choice([0.05, 2]))
+                    except PoolTimeout:
+                        timeouts += 1
+                        continue
+                    pid = conn.info.backend_pid
+                    assert pid not in owner, f"{pid} handed to {owner[pid]} and {n}"
+                    owner[pid] = n
+                    try:
+                        conn.execute("SELECT 1")
+                        if rng.random() < 0.2:
+                            conn.execute("SELECT 1 / 0")
+                        if rng.random() < 0.3:
+                            asleep(rng.random() * 0.01)
+                    except psycopg.errors.DivisionByZero:
+                        pass
+                    finally:
+                        del owner[pid]
+                        pool.putconn(conn)
+                    ok += 1
+                    stats = pool.stats()
+                    assert stats.size <= 5
+                    assert stats.lanes["a"].in_use <= 3 and stats.lanes["b"].in_use <= 4
+                return ok, timeouts
+
+            return run
+
+        results = run_all([worker(n) for n in range(16)])
+        ok = sum(r[0] for r in results)
+        stats = pool.stats()
+        assert stats.in_use == 0 and stats.waiting == 0
+        assert stats.borrowed_total == ok
+        assert stats.timeouts_total == sum(r[1] for r in results)
+        assert ok > 300
+        wait_until(lambda: len(backend_pids(admin, app)) == pool.stats().size)
