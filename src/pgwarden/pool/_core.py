@@ -398,6 +398,13 @@ class PoolCore:
             self._discard(entry, reason)
         else:
             self._discard(entry, "broken")
+        # The borrower's lane has room again: an idle connection may now suit a
+        # waiter that could not take one before.
+        return self._serve_from_idle(now)
+
+    def _serve_from_idle(self, now: float) -> Waiter | None:
+        if self.n_waiting and self.idle:
+            return self._serve(self.idle.pop(), now)
         return None
 
     def _unlease(self, entry: Entry) -> None:
@@ -492,15 +499,21 @@ class PoolCore:
         self._to_close = []
         return out
 
-    def discard(self, entry: Entry, reason: str) -> None:
-        """Drop a borrowed or idle connection that must not be used again."""
-        if entry.state == BUSY:
+    def discard(self, entry: Entry, reason: str, now: float) -> Waiter | None:
+        """Drop a borrowed or idle connection that must not be used again.
+
+        Return a waiter served thanks to the room this made, for the shell
+        to wake.
+        """
+        if entry.state == CLOSED:
+            return None
+        was_busy = entry.state == BUSY
+        if was_busy:
             self._unlease(entry)
         elif entry.state == IDLE:
             self.idle.remove(entry)
-        elif entry.state == CLOSED:
-            return
         self._discard(entry, reason)
+        return self._serve_from_idle(now) if was_busy else None
 
     # -- checks -------------------------------------------------------------
 
@@ -602,8 +615,11 @@ class PoolCore:
             self._discard(self.idle.pop(), "pool closed")
         return waiters
 
-    def resize(self, min_size: int, max_size: int) -> None:
-        """Change the sizes; lanes must still fit (checked by the caller)."""
+    def resize(self, min_size: int, max_size: int, now: float) -> list[Waiter]:
+        """Change the sizes; lanes must still fit (checked by the caller).
+
+        Return the waiters served from idle connections thanks to the change.
+        """
         self.min_size = min_size
         self.max_size = max_size
         default = self.default_lane
@@ -613,6 +629,10 @@ class PoolCore:
             lane.limit = min(lane.limit, max_size)
         while self.idle and self.size > max_size:
             self._discard(self.idle.pop(0), "pool resized")
+        served = []
+        while waiter := self._serve_from_idle(now):
+            served.append(waiter)
+        return served
 
     def wait_percentile(self, q: float) -> float:
         """The `q` quantile (0..1) of acquire waits, counting unqueued borrows as 0."""

@@ -209,8 +209,10 @@ class AsyncPool:
         cfg = self.config.replace(min_size=min_size, max_size=max_size)
         with self._lock:
             self.config = cfg
-            self._core.resize(cfg.min_size, cfg.max_size)
-        self._after_change()
+            served = self._core.resize(cfg.min_size, cfg.max_size, monotonic())
+            self._after_change_locked()
+        for waiter in served:
+            waiter.wake()
 
     def stats(self) -> PoolStats:
         """The pool's state and counters now (no I/O; safe from any thread)."""
@@ -418,8 +420,10 @@ class AsyncPool:
         with self._lock:
             self._core.validation_failures_total += 1
             self._core.lost(now)
-            self._core.discard(entry, "validation")
+            waiter = self._core.discard(entry, "validation", now)
             self._after_change_locked()
+        if waiter is not None:
+            waiter.wake()
 
     def _lend(self, entry: Entry, depth: int) -> AsyncPooledConnection:
         """Make the handle the borrower gets."""
@@ -528,10 +532,6 @@ class AsyncPool:
 
     # -- background work ----------------------------------------------------
 
-    def _after_change(self) -> None:
-        with self._lock:
-            self._after_change_locked()
-
     def _after_change_locked(self) -> None:
         """Close what the core discarded and open what it now lacks."""
         core = self._core
@@ -604,9 +604,10 @@ class AsyncPool:
             # A handle collected on loan can't be given back: take its
             # connection back, and close it (the server rolls back).
             reclaimed = [e for e in lost if e.state == _core.BUSY]
+            served = []
             for entry in reclaimed:
                 core.reclaimed_total += 1
-                core.discard(entry, "reclaimed")
+                served.append(core.discard(entry, "reclaimed", now))
             act = core.maintain(now)
             self._start_connects(act.connects)
             delay = self._tick
@@ -614,6 +615,9 @@ class AsyncPool:
                 core.size < core.min_size or core.n_waiting
             ) and core.next_connect_at > now:
                 delay = min(delay, core.next_connect_at - now)
+        for waiter in served:
+            if waiter is not None:
+                waiter.wake()
         for entry in reclaimed:
             logger.warning("%s", _messages.reclaim_message(entry, self.name, now))
         for entry in act.leaks:

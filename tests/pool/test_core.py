@@ -1,0 +1,243 @@
+"""The pool's decision core on a fake clock, without a server.
+
+These complement the tests against the real server: a Hypothesis state machine
+drives random sequences of borrows, returns, connects, failures, timeouts and
+maintenance steps, and checks after every step that the accounting holds.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from pgwarden.config import LaneSpec
+from pgwarden.pool import _core
+from pgwarden.pool._core import BUSY, IDLE, Entry, Lane, PoolCore
+
+
+class FakeWaiter:
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+        self.entry: Entry | None = None
+        self.error: BaseException | None = None
+        self.seq = 0
+        self.since = 0.0
+        self.deadline = 0.0
+        self.state = _core.WAITING
+        self.woken = False
+
+    def accepts(self) -> bool:
+        return True
+
+    def wake(self) -> None:
+        self.woken = True
+
+
+def make_core(**kwargs: Any) -> PoolCore:
+    settings: dict[str, Any] = {"min_size": 1, "max_size": 4, "rng": random.Random(0)}
+    settings.update(kwargs)
+    return PoolCore(**settings)
+
+
+def open_one(core: PoolCore, now: float) -> Any:
+    """Simulate a connect the core asked for; return the waiter it served."""
+    assert core.opening > 0
+    entry = core.new_entry(object(), 1000 + core.opened_total, now)
+    return core.connect_succeeded(entry, now)
+
+
+def test_reserved_lane_always_has_room() -> None:
+    core = make_core(min_size=0, max_size=3, lanes=[LaneSpec("calls", 1, 1)])
+    now = 0.0
+    # Fill the pool from the default lane: it may use only 2 (3 minus 1 reserved).
+    for _ in range(3):
+        core.entries.add(e := core.new_entry(object(), 1, now))
+        core.idle.append(e)
+    default = core.default_lane
+    taken = [core.try_acquire(default, now) for _ in range(3)]
+    assert taken[2] is None and all(taken[:2])
+    assert core.try_acquire(core.lanes["calls"], now) is not None
+
+
+def test_expired_connection_is_not_handed_out() -> None:
+    core = make_core(max_lifetime=10.0)
+    entry = core.new_entry(object(), 1, 0.0)
+    core.opening = 1
+    core.connect_succeeded(entry, 0.0)
+    assert core.try_acquire(core.default_lane, 10.0) is None
+    assert core.pop_to_close() == [(entry, "max_lifetime")]
+    assert core.evictions_total == 1
+
+
+def test_lifetime_jitter_shortens_by_at_most_five_percent() -> None:
+    core = make_core(max_lifetime=100.0)
+    ends = [core.new_entry(object(), 1, 0.0).expires_at for _ in range(200)]
+    assert all(95.0 <= t <= 100.0 for t in ends)
+    assert len(set(ends)) > 100
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    core = make_core(min_size=1)
+    delays = []
+    now = 0.0
+    for _ in range(12):
+        assert core.wanted_connects(now) == 1
+        core.connect_failed("refused", now, unreachable=True)
+        delays.append(core.next_connect_at - now)
+        assert core.wanted_connects(now) == 0  # backing off
+        now = core.next_connect_at
+    assert delays[0] < 0.2 and delays[1] > delays[0]
+    assert max(delays) <= _core.BACKOFF_CAP * (1 + _core.BACKOFF_JITTER)
+    assert core.down
+
+
+def test_fast_fail_only_while_down() -> None:
+    core = make_core(min_size=0, max_size=1)
+    waiter = FakeWaiter(core.default_lane)
+    core.enqueue(waiter, 0.0, deadline=10.0)  # type: ignore[arg-type]
+    assert not core.expire_waiter(waiter, _core.FAST_FAIL_WAIT + 0.1)  # type: ignore[arg-type]
+    core.opening = 1
+    core.connect_failed("refused", 1.5, unreachable=True)
+    assert core.expire_waiter(waiter, 1.6)  # type: ignore[arg-type]
+    assert waiter.state == _core.GONE and core.n_waiting == 0
+
+
+def test_full_server_is_not_down() -> None:
+    core = make_core()
+    core.opening = 1
+    core.connect_failed("too many clients", 0.0, unreachable=False)
+    assert not core.down and core.last_error == "too many clients"
+
+
+def test_wait_percentiles() -> None:
+    core = make_core()
+    core.borrowed_total = 100
+    for _ in range(10):
+        core.record_wait(0.3)
+    assert core.wait_percentile(0.5) == 0.0
+    assert core.wait_percentile(0.95) == pytest.approx(0.3)
+    assert core.wait_max == 0.3
+
+
+class CoreMachine(RuleBasedStateMachine):
+    """Random walks over the core; invariants after every step."""
+
+    @initialize(
+        max_size=st.integers(1, 6),
+        reserved=st.lists(st.integers(0, 2), min_size=0, max_size=3),
+    )
+    def setup(self, max_size: int, reserved: list[int]) -> None:
+        lanes = []
+        left = max_size
+        for i, r in enumerate(reserved):
+            r = min(r, left)
+            left -= r
+            lanes.append(LaneSpec(f"l{i}", r, max(1, min(max_size, r + 1 + i))))
+        self.core = make_core(
+            min_size=min(1, max_size),
+            max_size=max_size,
+            lanes=lanes,
+            max_lifetime=50.0,
+            idle_timeout=5.0,
+            leak_threshold=20.0,
+        )
+        self.now = 0.0
+        self.held: list[Entry] = []
+        self.waiters: list[FakeWaiter] = []
+
+    def _collect(self, waiter: Any) -> None:
+        if waiter is not None:
+            assert waiter.state == _core.SERVED and waiter.entry is not None
+            self.held.append(waiter.entry)
+
+    @rule(lane=st.integers(0, 3), wait=st.floats(0.1, 5))
+    def borrow(self, lane: int, wait: float) -> None:
+        lanes = list(self.core.lanes.values())
+        chosen = lanes[lane % len(lanes)]
+        entry = self.core.try_acquire(chosen, self.now)
+        if entry is not None:
+            self.held.append(entry)
+            return
+        waiter = FakeWaiter(chosen)
+        self.core.enqueue(waiter, self.now, self.now + wait)  # type: ignore[arg-type]
+        self.waiters.append(waiter)
+        self.core.wanted_connects(self.now)
+
+    @precondition(lambda self: self.held)
+    @rule(i=st.integers(0, 100), reusable=st.booleans())
+    def give_back(self, i: int, reusable: bool) -> None:
+        entry = self.held.pop(i % len(self.held))
+        self._collect(self.core.release(entry, self.now, reusable))
+        self.core.pop_to_close()
+        self.core.wanted_connects(self.now)
+
+    @precondition(lambda self: self.core.opening)
+    @rule(ok=st.booleans())
+    def connect_done(self, ok: bool) -> None:
+        if ok:
+            self._collect(open_one(self.core, self.now))
+        else:
+            self.core.connect_failed("refused", self.now, unreachable=True)
+
+    @rule(dt=st.floats(0.0, 3.0))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        for waiter in list(self.waiters):
+            if waiter.state == _core.WAITING:
+                self.core.expire_waiter(waiter, self.now)  # type: ignore[arg-type]
+        act = self.core.maintain(self.now)
+        for entry in act.check:
+            self._collect(self.core.check_done(entry, self.now, ok=entry.pid % 3 != 0))
+        self.core.pop_to_close()
+
+    @precondition(lambda self: any(w.state == _core.WAITING for w in self.waiters))
+    @rule(i=st.integers(0, 100))
+    def cancel(self, i: int) -> None:
+        waiting = [w for w in self.waiters if w.state == _core.WAITING]
+        assert self.core.cancel_waiter(waiting[i % len(waiting)])  # type: ignore[arg-type]
+
+    @invariant()
+    def accounting_adds_up(self) -> None:
+        core = self.core
+        lanes = core.lanes.values()
+        assert core.size <= core.max_size
+        assert core.committed == sum(max(x.in_use, x.reserved) for x in lanes)
+        assert core.committed <= core.max_size
+        for lane in lanes:
+            assert 0 <= lane.in_use <= lane.limit
+            assert lane.n_waiting == sum(
+                1 for w in self.waiters if w.lane is lane and w.state == _core.WAITING
+            )
+        busy = [e for e in core.entries if e.state == BUSY]
+        assert core.busy == len(busy) == sum(x.in_use for x in lanes)
+        assert sorted(map(id, busy)) == sorted(map(id, self.held))  # one owner each
+        assert len(set(map(id, core.idle))) == len(core.idle)
+        assert all(e.state == IDLE and e in core.entries for e in core.idle)
+        assert core.n_waiting == sum(x.n_waiting for x in lanes)
+        assert core.wait_percentile(0.99) <= max(core.wait_max, 0.0) or math.isclose(
+            core.wait_percentile(0.99), core.wait_max
+        )
+
+    @invariant()
+    def no_one_waits_for_an_idle_connection(self) -> None:
+        core = self.core
+        if core.idle:
+            for lane in core.lanes.values():
+                if lane.n_waiting:
+                    assert not core.can_take(lane), lane
+
+
+TestCoreMachine = CoreMachine.TestCase
+TestCoreMachine.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
