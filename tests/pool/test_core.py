@@ -240,4 +240,6 @@ class CoreMachine(RuleBasedStateMachine):
 
 
 TestCoreMachine = CoreMachine.TestCase
-TestCoreMachine.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
+TestCoreMachine.settings = settings(
+    max_examples=300, stateful_step_count=60, deadline=None
+)

@@ -199,10 +199,10 @@ async def test_terminated_right_after_use_is_caught(dsn: str, admin: Any) -> Non
                 assert await query_pid(conn) != pid
 
 
-async def test_eviction_validates_idle_connections(dsn: str, admin: Any) -> None:
-    async with small_pool(
-        dsn, min_size=2, max_size=2, eviction_interval=0.1, tests_per_eviction_run=2
-    ) as pool:
+async def test_ended_idle_sessions_are_replaced_without_a_borrow(
+    dsn: str, admin: Any
+) -> None:
+    async with small_pool(dsn, min_size=2, max_size=2) as pool:
         app = pool.config.application_name
         await pool.wait(5)
         old = set(backend_pids(admin, app))
@@ -218,7 +218,40 @@ async def test_eviction_validates_idle_connections(dsn: str, admin: Any) -> None
 
         await await_until(replaced, message="both idle connections replaced")
         assert pool.stats().borrowed_total == 0
-        assert pool.stats().validation_failures_total == 2
+        assert pool.stats().connections_lost_total >= 2
+
+
+async def test_eviction_runs_the_validation_query_on_idle_connections(
+    dsn: str, admin: Any
+) -> None:
+    # The validation query fails on the backends listed in `doomed`.
+    admin.execute("CREATE TABLE doomed (pid int)")
+    query = (
+        "SELECT CASE WHEN EXISTS (SELECT FROM doomed WHERE pid = pg_backend_pid())"
+        " THEN 1 / 0 ELSE 1 END"
+    )
+    async with small_pool(
+        dsn,
+        min_size=2,
+        max_size=2,
+        eviction_interval=0.1,
+        tests_per_eviction_run=2,
+        validation_query=query,
+    ) as pool:
+        app = pool.config.application_name
+        await pool.wait(5)
+        old = set(backend_pids(admin, app))
+        admin.execute("INSERT INTO doomed SELECT unnest(%s::int[])", [list(old)])
+
+        def replaced() -> bool:
+            pids = set(backend_pids(admin, app))
+            return len(pids) == 2 and not pids & old and pool.stats().idle == 2
+
+        await await_until(replaced, message="both idle connections replaced")
+        stats = pool.stats()
+        assert stats.borrowed_total == 0
+        assert stats.validation_failures_total == 2
+        assert stats.evictions_total == 2
 
 
 async def test_max_lifetime_is_enforced_at_hand_out(dsn: str) -> None:

@@ -7,8 +7,9 @@ given back, the handle is detached: any further use raises `ConnectionReturned`,
 so a stale handle can never run on a connection that now belongs to someone else.
 
 Every operation goes through `wait()`, which enforces the pool's client-side
-`query_timeout`: a query that outlives it is cancelled (best effort) and its
-connection closed, and the caller gets `QueryTimeout`.
+`query_timeout`: a query that outlives it has its connection closed at once
+(the server is asked to cancel it in the background) and the caller gets
+`QueryTimeout`. A task cancelled mid-query is treated the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from psycopg.abc import RV, PQGen
 from psycopg.pq import TransactionStatus
 
 from ..errors import ConnectionReturned, QueryTimeout
+from ._cancel import abandon
 
 if TYPE_CHECKING:
     from ._core import Entry
@@ -29,9 +31,8 @@ if TYPE_CHECKING:
 # How often a wait wakes up to notice interrupts (as psycopg does).
 _WAIT_INTERVAL = 0.1
 
-# After a query timeout, how long to try telling the server to stop the query
-# before closing the connection anyway.
-CANCEL_TIMEOUT = 0.5
+# How long the background cancel request may take to reach the server.
+CANCEL_TIMEOUT = 5.0
 
 _ACTIVE = TransactionStatus.ACTIVE
 
@@ -59,7 +60,7 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
                 gen, self.pgconn.socket, interval=interval, timeout=timeout
             )
         except e._WaitTimeout:
-            await self._pgw_abort(cancel=True)
+            self._pgw_abort()
             raise QueryTimeout(
                 f"the query ran longer than {timeout:g} s (query_timeout) and was"
                 f" cancelled; its connection was closed (pool {self._pgw_pool!r})"
@@ -68,18 +69,13 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
             # Cancelled or interrupted mid-query: the connection is in an
             # unknown state. Close it now rather than waiting on the server.
             if self.pgconn.transaction_status == _ACTIVE:
-                await self._pgw_abort(cancel=False)
+                self._pgw_abort()
             raise
 
-    async def _pgw_abort(self, *, cancel: bool) -> None:
-        """Stop the query in flight and close the connection."""
-        if cancel:
-            try:
-                await self.cancel_safe(timeout=CANCEL_TIMEOUT)
-            except Exception:
-                pass  # the server may be gone: closing is what matters
+    def _pgw_abort(self) -> None:
+        """Close the connection now; the server is told to stop its query."""
         self._closed = True
-        self.pgconn.finish()
+        abandon(self.pgconn, CANCEL_TIMEOUT)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails. A detached handle has an empty

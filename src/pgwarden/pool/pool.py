@@ -572,6 +572,11 @@ class Pool:
             lost.append(self._lost.pop())
         now = monotonic()
         with self._lock:
+            # Idle connections whose session ended (server restart, a kill,
+            # idle_session_timeout) are noticed here without a round trip.
+            for entry in [e for e in core.idle if not self._alive(e)]:
+                core.lost(now)
+                core.discard(entry, "lost", now)
             # A handle collected on loan can't be given back: take its
             # connection back, and close it (the server rolls back).
             reclaimed = [e for e in lost if e.state == _core.BUSY]
