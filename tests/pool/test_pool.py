@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -265,6 +267,27 @@ def test_query_timeout_raises_and_closes_the_connection(dsn: str, admin: Any) ->
         with pool.connection(timeout=5) as conn:
             assert query_pid(conn) != pid
         wait_until(lambda: pid not in backend_pids(admin, None))
+
+
+def test_query_timeout_when_the_server_stops_answering(
+    dsn: str, pg_server: Any
+) -> None:
+    if pg_server.embedded is None:
+        pytest.skip("needs to freeze a backend of a local server")
+    with small_pool(dsn, min_size=1, max_size=1, query_timeout=0.5) as pool:
+        with pool.connection() as conn:
+            pid = query_pid(conn)
+        os.kill(pid, signal.SIGSTOP)  # the backend stops answering, sockets open
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(QueryTimeout):
+                with pool.connection() as conn:
+                    conn.execute("SELECT 1")
+            assert time.monotonic() - t0 < 1.5
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        with pool.connection(timeout=5) as conn:
+            assert query_pid(conn) != pid
 
 
 def test_pool_timeout_names_holders_and_usage(dsn: str) -> None:

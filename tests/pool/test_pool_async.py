@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -281,6 +283,27 @@ async def test_query_timeout_raises_and_closes_the_connection(
         async with pool.connection(timeout=5) as conn:
             assert await query_pid(conn) != pid
         await await_until(lambda: pid not in backend_pids(admin, None))
+
+
+async def test_query_timeout_when_the_server_stops_answering(
+    dsn: str, pg_server: Any
+) -> None:
+    if pg_server.embedded is None:
+        pytest.skip("needs to freeze a backend of a local server")
+    async with small_pool(dsn, min_size=1, max_size=1, query_timeout=0.5) as pool:
+        async with pool.connection() as conn:
+            pid = await query_pid(conn)
+        os.kill(pid, signal.SIGSTOP)  # the backend stops answering, sockets open
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(QueryTimeout):
+                async with pool.connection() as conn:
+                    await conn.execute("SELECT 1")
+            assert time.monotonic() - t0 < 1.5
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        async with pool.connection(timeout=5) as conn:
+            assert await query_pid(conn) != pid
 
 
 async def test_pool_timeout_names_holders_and_usage(dsn: str) -> None:

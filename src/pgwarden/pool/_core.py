@@ -391,8 +391,12 @@ class PoolCore:
                 reason = "pool closed"
             elif entry.expires_at <= now:
                 reason = "max_lifetime"
-            elif self.size > self.max_size:
+            elif len(self.entries) + self.opening > self.max_size:
                 reason = "pool resized"
+            elif not self.n_waiting:
+                entry.state = IDLE
+                self.idle.append(entry)
+                return None
             else:
                 return self._serve(entry, now)
             self._discard(entry, reason)

@@ -162,9 +162,10 @@ class AsyncPool:
             if core.closed:
                 return
             waiters = core.close()
+            for w in waiters:
+                w.error = PoolClosed(f"pool {self.name!r} was closed while waiting")
             to_close = core.pop_to_close()
         for w in waiters:
-            w.error = PoolClosed(f"pool {self.name!r} was closed while waiting")
             w.wake()
         if self._wakeup is not None:
             self._wakeup.set()
