@@ -674,6 +674,23 @@ def test_stats_fields(dsn: str) -> None:
         assert d["lanes"]["x"] == {"in_use": 0, "waiting": 0, "reserved": 1, "limit": 1}
 
 
+def test_describe_tells_who_holds_what(dsn: str) -> None:
+    with small_pool(dsn, min_size=2, max_size=2, lanes="x:1:2") as pool:
+        pool.wait(5)
+        line = sys._getframe().f_lineno + 1
+        conn = pool.getconn(lane="x")
+        (held, idle) = pool.describe()
+        assert held.pid == conn.info.backend_pid and held.state == "in_use"
+        assert held.lane == "x" and held.held_seconds is not None
+        assert held.acquired_at is not None
+        site = held.acquired_at.replace("test_pool.py", "test_pool_async.py")
+        assert f"test_pool_async.py:{line} in test_describe" in site
+        assert held.holder and not held.leak_suspected
+        assert idle.state == "idle" and idle.lane is None and idle.held_seconds is None
+        pool.putconn(conn)
+        assert all(c.state == "idle" for c in pool.describe())
+
+
 def test_password_never_shown(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     secret = "Sup3r-S3cret-pw"

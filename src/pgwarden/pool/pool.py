@@ -37,7 +37,7 @@ from . import _core, _messages
 from ._acompat import Event, Lock, Waiter, current_holder, gather, spawn
 from ._core import Entry, Lane, PoolCore
 from .connection import PooledConnection
-from .stats import PoolStats, snapshot
+from .stats import ConnectionInfo, PoolStats, describe, snapshot
 
 logger = logging.getLogger("pgwarden.pool")
 
@@ -219,6 +219,17 @@ class Pool:
         now = monotonic()
         with self._lock:
             return snapshot(self._core, self.name, now)
+
+    def describe(self) -> tuple[ConnectionInfo, ...]:
+        """Each open connection: backend pid, state, and for those on loan the
+        lane, how long held, where acquired and by whom. Longest held first.
+
+        No I/O; safe from any thread. The health monitor joins this with
+        `pg_stat_activity` by pid.
+        """
+        now = monotonic()
+        with self._lock:
+            return describe(self._core, now)
 
     # -- borrowing ----------------------------------------------------------
 

@@ -35,7 +35,7 @@ from . import _core, _messages
 from ._acompat import AEvent, AWaiter, Lock, acurrent_holder, agather, aspawn
 from ._core import Entry, Lane, PoolCore
 from .connection_async import AsyncPooledConnection
-from .stats import PoolStats, snapshot
+from .stats import ConnectionInfo, PoolStats, describe, snapshot
 
 if True:  # ASYNC
     import asyncio
@@ -220,6 +220,17 @@ class AsyncPool:
         now = monotonic()
         with self._lock:
             return snapshot(self._core, self.name, now)
+
+    def describe(self) -> tuple[ConnectionInfo, ...]:
+        """Each open connection: backend pid, state, and for those on loan the
+        lane, how long held, where acquired and by whom. Longest held first.
+
+        No I/O; safe from any thread. The health monitor joins this with
+        `pg_stat_activity` by pid.
+        """
+        now = monotonic()
+        with self._lock:
+            return describe(self._core, now)
 
     # -- borrowing ----------------------------------------------------------
 

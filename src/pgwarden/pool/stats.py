@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ._core import BUSY, PoolCore
+from . import _messages
+from ._core import BUSY, CHECKING, PoolCore
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,47 @@ class PoolStats:
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with the same field names."""
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """What a pool knows about one of its connections (see `describe()`).
+
+    The backend `pid` is the key to join with `pg_stat_activity`.
+    """
+
+    pid: int
+    state: str  # "idle", "in_use" or "checking"
+    age_seconds: float  # since it was opened
+    lane: str | None  # while in use
+    held_seconds: float | None  # while in use
+    acquired_at: str | None  # "file:line in function" of the borrower, while in use
+    holder: str | None  # "thread 'x'" or "task 'y'", while in use
+    leak_suspected: bool  # held past leak_detection_threshold
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def describe(core: PoolCore, now: float) -> tuple[ConnectionInfo, ...]:
+    """Describe every open connection of `core` (under the pool's lock)."""
+    out = []
+    for e in core.entries:
+        busy = e.state == BUSY
+        out.append(
+            ConnectionInfo(
+                pid=e.pid,
+                state="in_use" if busy else "checking" if e.state == CHECKING else "idle",
+                age_seconds=now - e.created_at,
+                lane=e.lane.name if busy and e.lane else None,
+                held_seconds=now - e.held_since if busy else None,
+                acquired_at=_messages.where(e) if busy else None,
+                holder=_messages.holder_name(e.holder) if busy else None,
+                leak_suspected=busy and e.leak_reported,
+            )
+        )
+    out.sort(key=lambda c: -(c.held_seconds or -1.0))
+    return tuple(out)
 
 
 def snapshot(core: PoolCore, name: str, now: float) -> PoolStats:
