@@ -87,10 +87,11 @@ def describe(core: PoolCore, now: float) -> tuple[ConnectionInfo, ...]:
     out = []
     for e in core.entries:
         busy = e.state == BUSY
+        state = "in_use" if busy else "checking" if e.state == CHECKING else "idle"
         out.append(
             ConnectionInfo(
                 pid=e.pid,
-                state="in_use" if busy else "checking" if e.state == CHECKING else "idle",
+                state=state,
                 age_seconds=now - e.created_at,
                 lane=e.lane.name if busy and e.lane else None,
                 held_seconds=now - e.held_since if busy else None,
