@@ -71,6 +71,17 @@ def test_reserved_lane_always_has_room() -> None:
     assert core.try_acquire(core.lanes["calls"], now) is not None
 
 
+def test_lane_owed_its_reservation_is_served_first() -> None:
+    core = make_core(min_size=0, max_size=4, lanes=[LaneSpec("calls", 2, 2)])
+    older = FakeWaiter(core.default_lane)
+    newer = FakeWaiter(core.lanes["calls"])
+    core.enqueue(older, 0.0, deadline=10.0)  # type: ignore[arg-type]
+    core.enqueue(newer, 1.0, deadline=10.0)  # type: ignore[arg-type]
+    assert core.wanted_connects(1.0) == 2
+    assert open_one(core, 1.5) is newer  # the reserved lane is owed one
+    assert open_one(core, 1.6) is older
+
+
 def test_expired_connection_is_not_handed_out() -> None:
     core = make_core(max_lifetime=10.0)
     entry = core.new_entry(object(), 1, 0.0)

@@ -339,8 +339,14 @@ class PoolCore:
             self.wait_max = seconds
 
     def _next_waiter(self) -> Waiter | None:
-        """The longest-waiting caller whose lane may take a connection now."""
+        """The caller to serve next.
+
+        Callers of lanes under their reservation come first (the pool owes
+        them a connection), then the longest-waiting caller among the lanes
+        that may take one.
+        """
         best: Waiter | None = None
+        best_owed = False
         for lane in self.lanes.values():
             if not lane.n_waiting:
                 continue
@@ -349,12 +355,12 @@ class PoolCore:
                 waiters.popleft()
             while waiters and not waiters[0].accepts():
                 self._forget_waiter(waiters.popleft())
-            if (
-                waiters
-                and self.can_take(lane)
-                and (best is None or waiters[0].seq < best.seq)
-            ):
-                best = waiters[0]
+            if not waiters or not self.can_take(lane):
+                continue
+            head = waiters[0]
+            owed = lane.in_use < lane.reserved
+            if best is None or (owed, -head.seq) > (best_owed, -best.seq):
+                best, best_owed = head, owed
         return best
 
     def _serve(self, entry: Entry, now: float) -> Waiter | None:

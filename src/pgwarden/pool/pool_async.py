@@ -99,7 +99,7 @@ class AsyncPool:
             1.0,
             cfg.eviction_interval,
             cfg.idle_timeout / 2,
-            cfg.leak_detection_threshold / 2 or 1.0,
+            cfg.leak_detection_threshold / 4 or 1.0,
         )
 
     def __repr__(self) -> str:

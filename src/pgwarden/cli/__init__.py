@@ -1,0 +1,28 @@
+"""The ``pgwarden`` command line: a click group, with each command in its module."""
+
+from __future__ import annotations
+
+import click
+
+from pgwarden import __version__
+
+from ._group import Group
+from .demo import demo
+
+__all__ = ["main"]
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(
+    __version__, "-V", "--version", prog_name="pgwarden", message="%(prog)s %(version)s"
+)
+def main() -> None:
+    """Keep PostgreSQL connections healthy when workloads share a database.
+
+    pgwarden is a psycopg 3 connection pool with lanes (a reserved share and a
+    limit per workload), health checks and leak detection, plus commands to
+    look after the server. Start with `pgwarden demo`.
+    """
+
+
+main.add_command(demo)
