@@ -12,6 +12,7 @@ from .errors import (
     QueryTimeout,
     UnknownLane,
 )
+from .monitor import HealthMonitor, HealthReport, MonitorSettings
 from .pool import (
     AsyncPool,
     AsyncPooledConnection,
@@ -28,8 +29,11 @@ __all__ = [
     "AsyncPooledConnection",
     "ConfigError",
     "ConnectionReturned",
+    "HealthMonitor",
+    "HealthReport",
     "LaneSpec",
     "LaneStats",
+    "MonitorSettings",
     "PgwardenError",
     "Pool",
     "PoolClosed",
