@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -775,6 +775,9 @@ def test_mask_conninfo_keeps_the_rest() -> None:
 )
 def test_no_password_survives(suffix: str, form: str, tail: str) -> None:
     password = "Zq9" + suffix  # "Zq9" appears nowhere else
+    # Written raw, a trailing backslash escapes what follows: libpq's password is
+    # then another string, and "Zq9\\" alone is no secret.
+    assume(not (form == "raw pairs" and password.endswith("\\")))
     written = {
         "pairs": make_conninfo("", host="db", password=password, dbname="app"),
         "uri": f"postgresql://u:{quote(password, safe='')}@db/app",

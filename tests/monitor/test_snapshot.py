@@ -535,3 +535,21 @@ async def test_async_twin(dsn: str, sessions: Sessions) -> None:
                 (pid(in_tx), "idle in transaction")
             ]
             assert snap.own_pid == conn.info.backend_pid
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "ALTER ROLE app PASSWORD 'Sn3aky''pw' VALID UNTIL 'infinity'",
+        "CREATE USER app WITH PASSWORD $$Sn3aky$$",
+        "SELECT dblink_connect('host=db password=Sn3aky dbname=x')",
+        "ALTER ROLE app PASSWORD 'Sn3aky",  # cut off by track_activity_query_size
+    ],
+)
+def test_preview_hides_passwords(query: str) -> None:
+    shown = preview(query)
+    assert shown is not None and "Sn3aky" not in shown and "***" in shown
+
+
+def test_preview_keeps_the_word_password() -> None:
+    assert preview("SELECT password FROM users") == "SELECT password FROM users"

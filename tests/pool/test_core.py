@@ -25,6 +25,7 @@ from hypothesis.stateful import (
 from pgwarden.config import LaneSpec
 from pgwarden.pool import _core
 from pgwarden.pool._core import BUSY, IDLE, Entry, Lane, PoolCore
+from pgwarden.pool.stats import snapshot
 
 
 class FakeWaiter:
@@ -140,6 +141,12 @@ def test_wait_percentiles() -> None:
     assert core.wait_percentile(0.5) == 0.0
     assert core.wait_percentile(0.95) == pytest.approx(0.3)
     assert core.wait_max == 0.3
+    assert core.wait_sum == pytest.approx(3.0)
+    stats = snapshot(core, "p", 0.0)
+    (_, zeros), *_ = stats.wait_histogram
+    assert zeros == 90  # borrows served at once fall in the first bucket
+    assert stats.wait_histogram[-1][1] == 100
+    assert stats.wait_sum_seconds == pytest.approx(3.0)
 
 
 class CoreMachine(RuleBasedStateMachine):

@@ -8,6 +8,11 @@ from pgwarden import __version__
 
 from ._group import Group
 from .demo import demo
+from .kill import kill_idle
+from .monitor import monitor
+from .queries import queries
+from .status import status
+from .tune import tune
 
 __all__ = ["main"]
 
@@ -26,3 +31,8 @@ def main() -> None:
 
 
 main.add_command(demo)
+main.add_command(status)
+main.add_command(kill_idle)
+main.add_command(queries)
+main.add_command(monitor)
+main.add_command(tune)

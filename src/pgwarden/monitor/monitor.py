@@ -166,7 +166,8 @@ class HealthMonitor:
             except psycopg.Error as ex:
                 self.check_errors_total += 1
                 self._drop_connection()
-                error = redact(str(ex).strip() or type(ex).__name__, self._secrets)
+                text = " ".join(str(ex).split()) or type(ex).__name__  # one line
+                error = redact(text, self._secrets)
                 if fresh or attempt == 2:
                     logger.debug("health check could not read the server: %s", error)
                     return None, error

@@ -99,6 +99,15 @@ _WAIT_START = """CASE WHEN c.wait_event_type = 'Lock' THEN (
 SNAPSHOT_SQL = _SQL.format(wait_start=_WAIT_START)
 SNAPSHOT_SQL_PRE_14 = _SQL.format(wait_start="NULL::pg_catalog.timestamptz")
 
+# PASSWORD 'x' (also E'', $$ and cut-off literals), and password=x in a
+# connection string.
+_SECRETS = (
+    re.compile(
+        r"(\bpassword\b\s*=?\s*)(E?'(?:[^']|'')*'?|\$\$.*?(?:\$\$|$))",
+        re.IGNORECASE | re.DOTALL,
+    ),
+    re.compile(r"""(\bpassword\s*=\s*)([^\s,;)'"*]+)""", re.IGNORECASE),
+)
 _UNPRINTABLE = re.compile(
     r"[\s\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]+"
 )
@@ -503,10 +512,17 @@ def _lock_waits(rows: list[_Row], now: datetime) -> tuple[LockWait, ...]:
 
 
 def preview(query: str | None) -> str | None:
-    """``query`` on one printable line of at most 100 characters."""
+    """``query`` on one printable line of at most 100 characters.
+
+    Passwords in it (``PASSWORD '...'``, ``password=...`` in a connection
+    string) are replaced by ``***``.
+    """
     if query is None:
         return None
-    text = _UNPRINTABLE.sub(" ", query).strip()
+    text = query
+    for secret in _SECRETS:
+        text = secret.sub(r"\1***", text)
+    text = _UNPRINTABLE.sub(" ", text).strip()
     if len(text) > PREVIEW_CHARS:
         text = text[: PREVIEW_CHARS - 1].rstrip() + "…"
     return text

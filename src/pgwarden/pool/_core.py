@@ -230,6 +230,7 @@ class PoolCore:
         self.lost_total = 0
         self.wait_counts = [0] * len(WAIT_BUCKETS)
         self.waited_total = 0
+        self.wait_sum = 0.0
         self.wait_max = 0.0
 
     # -- sizes --------------------------------------------------------------
@@ -335,6 +336,7 @@ class PoolCore:
         """Account for a caller that had to wait `seconds` for its connection."""
         self.wait_counts[bisect_left(WAIT_BUCKETS, seconds)] += 1
         self.waited_total += 1
+        self.wait_sum += seconds
         if seconds > self.wait_max:
             self.wait_max = seconds
 

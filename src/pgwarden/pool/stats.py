@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import _messages
-from ._core import BUSY, CHECKING, PoolCore
+from ._core import BUSY, CHECKING, WAIT_BUCKETS, PoolCore
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,7 @@ class PoolStats:
     idle: int
     in_use: int
     opening: int
+    checking: int  # idle connections taken aside to be validated
     waiting: int
     lanes: Mapping[str, LaneStats]
     borrowed_total: int
@@ -54,6 +55,10 @@ class PoolStats:
     wait_p95_seconds: float
     wait_p99_seconds: float
     wait_max_seconds: float
+    wait_sum_seconds: float
+    # Cumulative borrow counts by wait upper bound (seconds), finite bounds
+    # only; every borrow (borrowed_total) waited less than +Inf.
+    wait_histogram: tuple[tuple[float, int], ...]
     server_down: bool
     last_error: str | None
 
@@ -115,6 +120,7 @@ def snapshot(core: PoolCore, name: str, now: float) -> PoolStats:
         idle=len(core.idle),
         in_use=core.busy,
         opening=core.opening,
+        checking=core.checking,
         waiting=core.n_waiting,
         lanes={
             lane.name: LaneStats(lane.in_use, lane.n_waiting, lane.reserved, lane.limit)
@@ -136,6 +142,17 @@ def snapshot(core: PoolCore, name: str, now: float) -> PoolStats:
         wait_p95_seconds=core.wait_percentile(0.95),
         wait_p99_seconds=core.wait_percentile(0.99),
         wait_max_seconds=core.wait_max,
+        wait_sum_seconds=core.wait_sum,
+        wait_histogram=_cumulative_waits(core),
         server_down=core.down,
         last_error=core.last_error,
     )
+
+
+def _cumulative_waits(core: PoolCore) -> tuple[tuple[float, int], ...]:
+    seen = core.borrowed_total - core.waited_total  # served at once: waits of 0
+    out = []
+    for bound, count in zip(WAIT_BUCKETS[:-1], core.wait_counts, strict=False):
+        seen += count
+        out.append((bound, seen))
+    return tuple(out)
