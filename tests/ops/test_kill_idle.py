@@ -264,7 +264,7 @@ def test_a_session_that_turns_active_after_the_listing_survives(
         return True
 
     monkeypatch.setattr(_confirm, "stdin_is_terminal", lambda: True)
-    monkeypatch.setattr(_confirm, "_confirmed", wake_up_then_confirm)
+    monkeypatch.setattr(_confirm, "confirmed", wake_up_then_confirm)
 
     data = invoke_json("kill-idle", "--dsn", dsn, "--older-than", "0")
 

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from rich.console import Console
 
-from pgwarden.config import PoolConfig
+from pgwarden.config import PoolConfig, parse_duration
+from pgwarden.errors import ConfigError
 
 __all__ = [
+    "confirmed",
     "connect",
     "dsn_option",
+    "duration",
     "echo_json",
     "human_duration",
     "json_option",
+    "make_console",
+    "plural",
+    "stdin_is_terminal",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -90,3 +99,55 @@ def human_duration(seconds: float | None) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+_PLAIN_WIDTH = 200  # off a terminal: rows stay on one line for logs and grep
+
+
+def stdin_is_terminal() -> bool:
+    """Whether someone can answer a prompt (tests replace this)."""
+    return sys.stdin.isatty()
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """Colour and live updates on a terminal only; wide lines elsewhere."""
+    console = Console(highlight=False, stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = _PLAIN_WIDTH
+    return console
+
+
+def duration(
+    *, allow_zero: bool = True
+) -> Callable[[click.Context, click.Parameter, str | None], float | None]:
+    """An option callback reading ``5m``, ``30s``, ``500ms``, ``1.5h`` or seconds."""
+
+    def convert(
+        ctx: click.Context, param: click.Parameter, value: str | None
+    ) -> float | None:
+        if value is None:
+            return None
+        source = param.opts[0] if param.opts else "duration"
+        try:
+            return parse_duration(value, source, allow_zero=allow_zero)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+
+    return convert
+
+
+def plural(count: int | None, noun: str) -> str:
+    """``1 query``, ``2 queries``; ``queries`` when ``count`` is None."""
+    if count == 1:
+        return f"1 {noun}"
+    many = f"{noun[:-1]}ies" if noun.endswith("y") else f"{noun}s"
+    return many if count is None else f"{count} {many}"
+
+
+def confirmed(question: str) -> bool:
+    """Ask a yes/no question on stderr; no (the default) on end of input."""
+    try:
+        return click.confirm(question, default=False, err=True)
+    except click.Abort:  # end of input, or Ctrl-C at the prompt
+        click.echo(err=True)
+        return False

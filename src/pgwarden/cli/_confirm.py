@@ -9,20 +9,16 @@ exit 1 if any was refused, timed out or failed.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console, RenderableType
+from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from pgwarden.config import parse_duration
-from pgwarden.errors import ConfigError
 from pgwarden.monitor.snapshot import Session
 from pgwarden.ops.audit import AuditLog
 from pgwarden.ops.sessions import (
@@ -36,7 +32,15 @@ from pgwarden.ops.sessions import (
     SignalResult,
 )
 
-from ._common import echo_json, human_duration
+from ._common import (
+    confirmed,
+    duration,
+    echo_json,
+    human_duration,
+    make_console,
+    plural,
+    stdin_is_terminal,
+)
 from ._group import CliError
 
 __all__ = [
@@ -57,7 +61,6 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_PLAIN_WIDTH = 200  # off a terminal: rows stay on one line for logs and grep
 _DONE = {Action.TERMINATE: "terminated", Action.CANCEL: "cancelled"}
 _OUTCOME_STYLE = {
     Outcome.TERMINATED: "green",
@@ -68,38 +71,6 @@ _OUTCOME_STYLE = {
     Outcome.TIMEOUT: "bold red",
     Outcome.FAILED: "bold red",
 }
-
-
-def stdin_is_terminal() -> bool:
-    """Whether someone can answer a prompt (tests replace this)."""
-    return sys.stdin.isatty()
-
-
-def make_console(*, stderr: bool = False) -> Console:
-    """Colour and live updates on a terminal only; wide lines elsewhere."""
-    console = Console(highlight=False, stderr=stderr)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console.width = _PLAIN_WIDTH
-    return console
-
-
-def duration(
-    *, allow_zero: bool = True
-) -> Callable[[click.Context, click.Parameter, str | None], float | None]:
-    """An option callback reading ``5m``, ``30s``, ``500ms``, ``1.5h`` or seconds."""
-
-    def convert(
-        ctx: click.Context, param: click.Parameter, value: str | None
-    ) -> float | None:
-        if value is None:
-            return None
-        source = param.opts[0] if param.opts else "duration"
-        try:
-            return parse_duration(value, source, allow_zero=allow_zero)
-        except ConfigError as exc:
-            raise click.BadParameter(str(exc), ctx, param) from None
-
-    return convert
 
 
 def filter_options(f: F) -> F:
@@ -208,14 +179,6 @@ def describe_criteria(criteria: Criteria, what: str, database: str) -> str:
         if values
     ]
     return f"{text} ({'; '.join(filters)})" if filters else text
-
-
-def plural(count: int | None, noun: str) -> str:
-    """``1 query``, ``2 queries``; ``queries`` when ``count`` is None."""
-    if count == 1:
-        return f"1 {noun}"
-    many = f"{noun[:-1]}ies" if noun.endswith("y") else f"{noun}s"
-    return many if count is None else f"{count} {many}"
 
 
 def session_style(session: Session, long_query_seconds: float) -> str:
@@ -393,7 +356,7 @@ def carry_out(
             )
         if as_json:
             make_console(stderr=True).print(listing)
-        if not _confirmed(f"{verb.capitalize()} {plural(len(selected), noun)}?"):
+        if not confirmed(f"{verb.capitalize()} {plural(len(selected), noun)}?"):
             if as_json:
                 echo_json(json_of(report))
             else:
@@ -418,14 +381,6 @@ def carry_out(
         )
         return 1
     return 0
-
-
-def _confirmed(question: str) -> bool:
-    try:
-        return click.confirm(question, default=False, err=True)
-    except click.Abort:  # end of input, or Ctrl-C at the prompt
-        click.echo(err=True)
-        return False
 
 
 def _result_line(result: SignalResult) -> Text:

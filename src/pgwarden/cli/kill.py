@@ -31,16 +31,20 @@ from pgwarden.ops.kill import (
 )
 from pgwarden.ops.sessions import Action, Selection, SignalReport
 
-from ._common import connect, dsn_option, json_option
+from ._common import (
+    connect,
+    dsn_option,
+    duration,
+    json_option,
+    make_console,
+    plural,
+)
 from ._confirm import (
     ActionOptions,
     action_options,
     carry_out,
     describe_criteria,
-    duration,
     filter_options,
-    make_console,
-    plural,
     selection_notes,
     sessions_table,
 )

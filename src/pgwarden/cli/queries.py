@@ -30,17 +30,23 @@ from pgwarden.ops.queries import (
 )
 from pgwarden.ops.sessions import Action, Selection, SignalReport
 
-from ._common import connect, dsn_option, echo_json, human_duration, json_option
+from ._common import (
+    connect,
+    dsn_option,
+    duration,
+    echo_json,
+    human_duration,
+    json_option,
+    make_console,
+    plural,
+)
 from ._confirm import (
     ActionOptions,
     action_options,
     carry_out,
     describe_criteria,
-    duration,
     filter_options,
     fitted_table,
-    make_console,
-    plural,
     selection_notes,
     session_style,
     sessions_table,

@@ -25,8 +25,20 @@ from rich.text import Text
 from pgwarden.monitor.snapshot import ServerSnapshot, Session
 from pgwarden.ops.status import headroom_percent, read_status, state_counts
 
-from ._common import connect, dsn_option, echo_json, human_duration, json_option
-from ._confirm import duration, make_console, session_style, sessions_table
+from ._common import (
+    connect,
+    dsn_option,
+    duration,
+    echo_json,
+    human_duration,
+    json_option,
+    make_console,
+    plural,
+)
+from ._confirm import (
+    session_style,
+    sessions_table,
+)
 from ._group import one_line
 
 __all__ = ["status", "status_view"]
@@ -186,7 +198,9 @@ def status_view(
     scope = "all databases" if snapshot.all_databases else snapshot.database
     if snapshot.sessions:
         parts.append(
-            Text(f"{len(snapshot.sessions)} sessions in {scope}", style="bold")
+            Text(
+                f"{plural(len(snapshot.sessions), 'session')} in {scope}", style="bold"
+            )
         )
         parts.append(
             sessions_table(

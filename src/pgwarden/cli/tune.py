@@ -17,8 +17,16 @@ from pgwarden.config import PoolConfig
 from pgwarden.ops import tune as ops
 from pgwarden.ops.audit import AuditLog
 
-from ._common import connect, dsn_option, echo_json, human_duration, json_option
-from ._confirm import make_console, stdin_is_terminal
+from ._common import (
+    confirmed,
+    connect,
+    dsn_option,
+    echo_json,
+    human_duration,
+    json_option,
+    make_console,
+    stdin_is_terminal,
+)
 from ._group import CliError
 
 __all__ = ["tune"]
@@ -175,7 +183,7 @@ def _apply(
             )
         if as_json:
             click.echo(preview, err=True)
-        if not _confirmed(f"Apply these {len(changes)} changes?"):
+        if not confirmed(f"Apply these {len(changes)} changes?"):
             click.echo("Not confirmed: nothing changed.", err=True)
             return EXIT_DRIFT
     if audit_log is not None:
@@ -190,14 +198,6 @@ def _apply(
         return EXIT_DRIFT
     report.done(console, as_json)
     return EXIT_OK
-
-
-def _confirmed(question: str) -> bool:
-    try:
-        return click.confirm(question, default=False, err=True)
-    except click.Abort:  # end of input, or Ctrl-C at the prompt
-        click.echo(err=True)
-        return False
 
 
 @dataclass
