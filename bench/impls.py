@@ -1,0 +1,317 @@
+"""The implementations under test: small adapters with a common interface.
+
+A sync implementation is used by threads, an async one by the tasks of one
+event loop (create it inside that loop). Creating one does no I/O; `open`
+connects everything before the clock starts; ``connection(i)`` lends worker
+``i`` a connection for a ``with`` block (as ``with pool.connection() as
+conn:``); `close` closes it all, even after a failed `open`.
+
+Every implementation connects with the same conninfo and psycopg's defaults
+(autocommit off). pgwarden adds application_name and, in ``options``, the
+server-side statement_timeout and idle_in_transaction_session_timeout: that
+costs nothing per borrow.
+
+To add an implementation, subclass `SyncImpl` or `AsyncImpl` and list it in
+`SYNC_IMPLS` or `ASYNC_IMPLS`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from types import TracebackType
+from typing import Any, ClassVar
+
+import psycopg
+from psycopg.pq import TransactionStatus
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+import pgwarden
+
+__all__ = ["ASYNC_IMPLS", "SYNC_IMPLS", "AsyncImpl", "SyncImpl"]
+
+# Longest wait for an implementation to open all its connections.
+OPEN_TIMEOUT = 60.0
+
+_IDLE = TransactionStatus.IDLE
+
+
+class _Base:
+    name: ClassVar[str]
+    driver: ClassVar[str] = "psycopg"  # which workload functions it runs
+    # The ratio reference of its kind: one connection per worker, no pool.
+    reference: ClassVar[bool] = False
+
+    def __init__(self, dsn: str, *, size: int, workers: int) -> None:
+        self.dsn = dsn
+        self.size = size
+        self.workers = workers
+
+    @classmethod
+    def connections(cls, *, size: int, workers: int) -> int:
+        """How many connections it opens for a pool size and a worker count."""
+        return workers if cls.reference else size
+
+
+class SyncImpl(_Base, ABC):
+    """Lends connections to threads."""
+
+    kind: ClassVar[str] = "sync"
+
+    @abstractmethod
+    def open(self) -> None:
+        """Open every connection; return once they are all ready."""
+
+    @abstractmethod
+    def connection(self, worker: int) -> AbstractContextManager[Any]:
+        """Lend a connection to `worker` for the duration of a `with` block."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close what `open` opened, even if it failed half way."""
+
+
+class AsyncImpl(_Base, ABC):
+    """Lends connections to asyncio tasks."""
+
+    kind: ClassVar[str] = "async"
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Open every connection; return once they are all ready."""
+
+    @abstractmethod
+    def connection(self, worker: int) -> AbstractAsyncContextManager[Any]:
+        """Lend a connection to `worker` for an `async with` block."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close what `open` opened, even if it failed half way."""
+
+
+# -- direct: one connection per worker, the upper bound ---------------------
+
+
+class _Own:
+    """The worker's own connection, finished as a pool block would finish it.
+
+    On exit an open transaction is committed (rolled back on an exception),
+    as the pools' ``connection()`` blocks do, so every implementation does
+    the same round trips.
+    """
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> psycopg.Connection[Any]:
+        return self.conn
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.conn.pgconn.transaction_status != _IDLE:
+            if exc_type is None:
+                self.conn.commit()
+            else:
+                self.conn.rollback()
+
+
+class _AOwn:
+    """`_Own` for asyncio."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.conn = conn
+
+    async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
+        return self.conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.conn.pgconn.transaction_status != _IDLE:
+            if exc_type is None:
+                await self.conn.commit()
+            else:
+                await self.conn.rollback()
+
+
+class Direct(SyncImpl):
+    """Each worker owns one persistent connection: no pool at all."""
+
+    name = "direct"
+    reference = True
+
+    def __init__(self, dsn: str, *, size: int, workers: int) -> None:
+        super().__init__(dsn, size=size, workers=workers)
+        self._own: list[_Own] = []
+
+    def open(self) -> None:
+        for _ in range(self.workers):
+            self._own.append(_Own(psycopg.connect(self.dsn)))
+
+    def connection(self, worker: int) -> _Own:
+        return self._own[worker]
+
+    def close(self) -> None:
+        for own in self._own:
+            own.conn.close()
+
+
+class DirectAsync(AsyncImpl):
+    """`Direct` for asyncio."""
+
+    name = "direct-async"
+    reference = True
+
+    def __init__(self, dsn: str, *, size: int, workers: int) -> None:
+        super().__init__(dsn, size=size, workers=workers)
+        self._own: list[_AOwn] = []
+
+    async def open(self) -> None:
+        for _ in range(self.workers):  # one at a time, as Direct does
+            self._own.append(_AOwn(await psycopg.AsyncConnection.connect(self.dsn)))
+
+    def connection(self, worker: int) -> _AOwn:
+        return self._own[worker]
+
+    async def close(self) -> None:
+        for own in self._own:
+            await own.conn.close()
+
+
+# -- psycopg_pool -----------------------------------------------------------
+
+
+class PsycopgPool(SyncImpl):
+    """`psycopg_pool.ConnectionPool`, no check on borrow."""
+
+    name = "psycopg_pool"
+    check: ClassVar[Any] = None
+
+    def __init__(self, dsn: str, *, size: int, workers: int) -> None:
+        super().__init__(dsn, size=size, workers=workers)
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            dsn,
+            min_size=size,
+            max_size=size,
+            open=False,
+            check=type(self).check,  # a plain function, not a method
+            name=self.name,
+        )
+
+    def open(self) -> None:
+        self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
+
+    def connection(self, worker: int) -> AbstractContextManager[Any]:
+        return self._pool.connection()
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class PsycopgPoolChecked(PsycopgPool):
+    """`psycopg_pool.ConnectionPool` checking each connection it lends."""
+
+    name = "psycopg_pool+check"
+    check = ConnectionPool.check_connection
+
+
+class PsycopgPoolAsync(AsyncImpl):
+    """`psycopg_pool.AsyncConnectionPool`, no check on borrow."""
+
+    name = "psycopg_pool-async"
+    check: ClassVar[Any] = None
+
+    def __init__(self, dsn: str, *, size: int, workers: int) -> None:
+        super().__init__(dsn, size=size, workers=workers)
+        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = (
+            AsyncConnectionPool(
+                dsn,
+                min_size=size,
+                max_size=size,
+                open=False,
+                check=type(self).check,  # a plain function, not a method
+                name=self.name,
+            )
+        )
+
+    async def open(self) -> None:
+        await self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
+
+    def connection(self, worker: int) -> AbstractAsyncContextManager[Any]:
+        return self._pool.connection()
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+class PsycopgPoolCheckedAsync(PsycopgPoolAsync):
+    """`psycopg_pool.AsyncConnectionPool` checking each connection it lends."""
+
+    name = "psycopg_pool+check-async"
+    check = AsyncConnectionPool.check_connection
+
+
+# -- pgwarden ---------------------------------------------------------------
+
+
+class Pgwarden(SyncImpl):
+    """`pgwarden.Pool` with its defaults (test_on_borrow, leak detection on)."""
+
+    name = "pgwarden"
+
+    def __init__(self, dsn: str, *, size: int, workers: int) -> None:
+        super().__init__(dsn, size=size, workers=workers)
+        self._pool = pgwarden.Pool(dsn, min_size=size, max_size=size)
+
+    def open(self) -> None:
+        self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
+
+    def connection(self, worker: int) -> AbstractContextManager[Any]:
+        return self._pool.connection()
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class PgwardenAsync(AsyncImpl):
+    """`pgwarden.AsyncPool` with its defaults."""
+
+    name = "pgwarden-async"
+
+    def __init__(self, dsn: str, *, size: int, workers: int) -> None:
+        super().__init__(dsn, size=size, workers=workers)
+        self._pool = pgwarden.AsyncPool(dsn, min_size=size, max_size=size)
+
+    async def open(self) -> None:
+        await self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
+
+    def connection(self, worker: int) -> AbstractAsyncContextManager[Any]:
+        return self._pool.connection()
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+SYNC_IMPLS: tuple[type[SyncImpl], ...] = (
+    Direct,
+    PsycopgPool,
+    PsycopgPoolChecked,
+    Pgwarden,
+)
+ASYNC_IMPLS: tuple[type[AsyncImpl], ...] = (
+    DirectAsync,
+    PsycopgPoolAsync,
+    PsycopgPoolCheckedAsync,
+    PgwardenAsync,
+)
