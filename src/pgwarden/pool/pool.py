@@ -540,8 +540,9 @@ class Pool:
         conn._pgw_entry = None
         conn._pgw_timeout = self._query_timeout
         conn._pgw_pool = self.name
-        # psycopg only tests `_pool` for presence; a weak reference avoids a cycle.
-        conn._pool = self._ref  # type: ignore[assignment]
+        # psycopg only tests `_pool` for presence (its type depends on whether
+        # psycopg_pool is installed); a weak reference avoids a cycle.
+        conn.__dict__["_pool"] = self._ref
         entry = self._core.new_entry(conn, conn.info.backend_pid, monotonic())
         entry.lost_cb = _lost_callback(self._lost, entry)
         conn.add_notice_handler(_doom_on_fatal(entry))
