@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "max_waiting": 0,
     "lanes": (),
     "application_name": "pgwarden",
+    "reset_query": "",
 }
 
 CONNINFO_VARS = ["DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD"]
@@ -130,6 +131,7 @@ ENV_CASES = [
     ("max_waiting", "100", 100),
     ("lanes", "a:1:2,b:0:3", (LaneSpec("a", 1, 2), LaneSpec("b", 0, 3))),
     ("application_name", "billing-worker", "billing-worker"),
+    ("reset_query", "DISCARD ALL", "DISCARD ALL"),
 ]
 
 

@@ -39,6 +39,7 @@ NAMES = {
     "AsyncPooledConnection": "PooledConnection",
     "_AsyncConnectionBlock": "_ConnectionBlock",
     "AsyncConnection": "Connection",
+    "AsyncCursor": "Cursor",
     "AsyncPool": "Pool",
     "AWaiter": "Waiter",
     "AEvent": "Event",

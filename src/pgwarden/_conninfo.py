@@ -131,6 +131,8 @@ def secrets_of(conninfo: str) -> tuple[str, ...]:
             found += [raw, decode(raw)]
             if params is None:  # where the value ends is a guess: add its words
                 found += raw.split()
+                # ... and, in a URI's userinfo, every cut at an "@"
+                found += [raw[:i] for i, char in enumerate(raw) if char == "@"]
     return tuple(dict.fromkeys(secret for secret in found if secret))
 
 

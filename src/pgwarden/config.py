@@ -47,6 +47,7 @@ ENV_VARS: Final[Mapping[str, str]] = MappingProxyType(
         "max_waiting": "DB_MAX_WAITING",
         "lanes": "DB_LANES",
         "application_name": "DB_APPLICATION_NAME",
+        "reset_query": "DB_RESET_QUERY",
     }
 )
 """The environment variable `PoolConfig.from_env` reads for each field."""
@@ -307,6 +308,9 @@ def _validate(raw: Mapping[str, Any], sources: Mapping[str, str]) -> dict[str, A
     if not isinstance(query, str) or not query.strip():
         allowed = "expected an SQL statement such as 'SELECT 1'"
         raise _bad(label("validation_query"), query, "is not allowed", allowed)
+    if not isinstance(raw["reset_query"], str):
+        allowed = "expected an SQL statement such as 'DISCARD ALL', or ''"
+        raise _bad(label("reset_query"), raw["reset_query"], "is not allowed", allowed)
     out["application_name"] = _check_application_name(
         raw["application_name"], label("application_name")
     )
@@ -383,6 +387,10 @@ class PoolConfig:
             every limit must fit in max_size.
         application_name: shown in pg_stat_activity, unless conninfo sets one;
             at most 63 printable ASCII characters.
+        reset_query: run (outside a transaction) each time a connection comes
+            back, e.g. "DISCARD ALL" to drop a borrower's SET, temporary tables,
+            advisory locks and LISTEN; "" (the default) runs nothing and costs
+            no round trip.
     """
 
     conninfo: str = ""
@@ -404,6 +412,7 @@ class PoolConfig:
     max_waiting: int = 0
     lanes: tuple[LaneSpec, ...] = ()
     application_name: str = "pgwarden"
+    reset_query: str = ""
 
     # Where each value came from (field -> environment variable), for messages.
     _sources: ClassVar[Mapping[str, str]] = {}

@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
 
 from pgwarden import (
     ConfigError,
@@ -432,6 +433,38 @@ def test_handle_is_a_real_psycopg_connection(dsn: str) -> None:
             assert cur.fetchone() == (1,)
         with conn.transaction():
             conn.execute("SELECT 1")
+
+
+def test_client_side_settings_do_not_leak_to_the_next_borrower(dsn: str) -> None:
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        with pool.connection() as conn:
+            conn.set_autocommit(True)
+            conn.set_read_only(True)
+            conn.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
+            conn.row_factory = dict_row
+        with pool.connection() as conn:
+            assert not conn.autocommit and conn.read_only is None
+            assert conn.isolation_level is None
+            cur = conn.execute("SELECT 1 AS one")
+            assert cur.fetchone() == (1,)
+
+
+def test_reset_query_clears_session_state(dsn: str) -> None:
+    with small_pool(dsn, min_size=1, max_size=1, reset_query="DISCARD ALL") as pool:
+        with pool.connection() as conn:
+            conn.execute("SET TIME ZONE 'Asia/Tokyo'")
+            conn.execute("CREATE TEMP TABLE scratch (x int)")
+            conn.execute("SELECT pg_advisory_lock(42)")
+            pid = query_pid(conn)
+        with pool.connection() as conn:
+            assert query_pid(conn) == pid  # the same session, cleaned
+            cur = conn.execute(
+                "SELECT current_setting('TimeZone'),"
+                " to_regclass('pg_temp.scratch') IS NULL,"
+                " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                "  AND pid = pg_backend_pid())"
+            )
+            assert cur.fetchone() == ("UTC", True, 0)
 
 
 # -- leaks ----------------------------------------------------------------------

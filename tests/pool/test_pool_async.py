@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
 
 from pgwarden import (
     AsyncPool,
@@ -448,6 +449,40 @@ async def test_handle_is_a_real_psycopg_connection(dsn: str) -> None:
             assert await cur.fetchone() == (1,)
         async with conn.transaction():
             await conn.execute("SELECT 1")
+
+
+async def test_client_side_settings_do_not_leak_to_the_next_borrower(dsn: str) -> None:
+    async with small_pool(dsn, min_size=1, max_size=1) as pool:
+        async with pool.connection() as conn:
+            await conn.set_autocommit(True)
+            await conn.set_read_only(True)
+            await conn.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
+            conn.row_factory = dict_row
+        async with pool.connection() as conn:
+            assert not conn.autocommit and conn.read_only is None
+            assert conn.isolation_level is None
+            cur = await conn.execute("SELECT 1 AS one")
+            assert await cur.fetchone() == (1,)
+
+
+async def test_reset_query_clears_session_state(dsn: str) -> None:
+    async with small_pool(
+        dsn, min_size=1, max_size=1, reset_query="DISCARD ALL"
+    ) as pool:
+        async with pool.connection() as conn:
+            await conn.execute("SET TIME ZONE 'Asia/Tokyo'")
+            await conn.execute("CREATE TEMP TABLE scratch (x int)")
+            await conn.execute("SELECT pg_advisory_lock(42)")
+            pid = await query_pid(conn)
+        async with pool.connection() as conn:
+            assert await query_pid(conn) == pid  # the same session, cleaned
+            cur = await conn.execute(
+                "SELECT current_setting('TimeZone'),"
+                " to_regclass('pg_temp.scratch') IS NULL,"
+                " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                "  AND pid = pg_backend_pid())"
+            )
+            assert await cur.fetchone() == ("UTC", True, 0)
 
 
 # -- leaks ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from psycopg import errors as e
 from psycopg import waiting
 from psycopg.abc import RV, PQGen
 from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
 
 from ..errors import ConnectionReturned, QueryTimeout
 from ._cancel import abandon
@@ -76,6 +77,27 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
         """Close the connection now; the server is told to stop its query."""
         self._closed = True
         abandon(self.pgconn, CANCEL_TIMEOUT)
+
+    def _pgw_restore(self) -> None:
+        """Undo what a borrower changed on the client side; no round trip.
+
+        Transaction characteristics and row and cursor factories are settings
+        of the connection object: without this, the next borrower would get a
+        connection in autocommit, or returning dicts.
+        """
+        d = self.__dict__
+        if d["_autocommit"]:
+            d["_autocommit"] = False
+        if d["_isolation_level"] is not None:
+            d["_isolation_level"] = None
+        if d["_read_only"] is not None:
+            d["_read_only"] = None
+        if d["_deferrable"] is not None:
+            d["_deferrable"] = None
+        if d["row_factory"] is not tuple_row:
+            d["row_factory"] = tuple_row
+        if d["cursor_factory"] is not psycopg.AsyncCursor:
+            d["cursor_factory"] = psycopg.AsyncCursor
 
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails. A detached handle has an empty

@@ -11,6 +11,7 @@ outside the lock, and runs the background maintenance.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 import weakref
@@ -39,12 +40,14 @@ from .stats import ConnectionInfo, PoolStats, describe, snapshot
 
 if True:  # ASYNC
     import asyncio
+    import inspect
 
 logger = logging.getLogger("pgwarden.pool")
 
 _IDLE = TransactionStatus.IDLE
 _INTRANS = TransactionStatus.INTRANS
 _ACTIVE = TransactionStatus.ACTIVE
+_RESETTABLE = (_IDLE, _INTRANS, TransactionStatus.INERROR)
 _OK = ConnStatus.OK
 
 # How long close() waits for background work to stop.
@@ -72,23 +75,19 @@ class AsyncPool:
         self.name = name or f"pool-{next(_core.pool_numbers)}"
         self._conninfo = cfg.session_conninfo()
         self._secrets = secrets_of(cfg.conninfo)
-        self._core = PoolCore(
-            min_size=cfg.min_size,
-            max_size=cfg.max_size,
-            lanes=cfg.lanes,
-            max_waiting=cfg.max_waiting,
-            max_lifetime=cfg.max_lifetime,
-            idle_timeout=cfg.idle_timeout,
-            eviction_interval=cfg.eviction_interval,
-            tests_per_eviction_run=cfg.tests_per_eviction_run,
-            test_while_idle=cfg.test_while_idle,
-            leak_threshold=cfg.leak_detection_threshold,
-        )
+        self._core = _new_core(cfg)
         self._lock = Lock()
         self._ref = weakref.ref(self)
+        _pools.add(self)
+        # Tests freeze races at named hand-off points ("validate", "rollback",
+        # "connect", "assign"): name -> callable(entry), awaited if it returns
+        # an awaitable. None in production: one attribute test per point.
+        self._seams: dict[str, Callable[[Entry], Any]] | None = None
         self._query_timeout = cfg.query_timeout or None
         self._test_on_borrow = cfg.test_on_borrow
+        self._reset_query = cfg.reset_query
         self._opened = False
+        self._reopen_after_fork = False
         self._tasks: set[Any] = set()
         self._lost: list[Entry] = []  # handles garbage collected while on loan
         self._wakeup: AEvent | None = None  # nudges the maintenance loop
@@ -232,6 +231,22 @@ class AsyncPool:
         with self._lock:
             return describe(self._core, now)
 
+    def _forget_after_fork(self) -> None:
+        """In a forked child: drop what belongs to the parent, touching nothing.
+
+        The parent's connections are forgotten, never closed (closing would end
+        the parent's sessions; psycopg doesn't close a connection in a process
+        that didn't open it), and its threads and tasks don't exist here. An
+        open pool opens again, with new connections, on its first use.
+        """
+        self._reopen_after_fork = self._opened and not self._core.closed
+        self._opened = False
+        self._core = _new_core(self.config)
+        self._lock = Lock()
+        self._tasks = set()
+        self._lost = []
+        self._wakeup = self._ready = self._drained = None
+
     # -- borrowing ----------------------------------------------------------
 
     def connection(
@@ -277,9 +292,11 @@ class AsyncPool:
                 f" its lanes are: {', '.join(core.lanes)}"
             )
         if not self._opened or core.closed:
-            raise PoolClosed(
-                f"pool {self.name!r} is {'closed' if core.closed else 'not open'}"
-            )
+            if not self._reopen_after_fork or core.closed:
+                raise PoolClosed(
+                    f"pool {self.name!r} is {'closed' if core.closed else 'not open'}"
+                )
+            await self.open()
         now = monotonic()
         deadline = now + (
             self.config.connection_timeout if timeout is None else timeout
@@ -403,6 +420,8 @@ class AsyncPool:
         """Prove a borrowed connection works with the validation query."""
         timeout = min(self.config.validation_timeout, max(deadline - monotonic(), 0.01))
         try:
+            if self._seams:
+                await self._at_seam("validate", entry)
             await self._run_validation(entry.conn, timeout)
         except BaseException as ex:
             self._drop_dead(entry)
@@ -477,10 +496,12 @@ class AsyncPool:
 
         `warn` logs a warning if a transaction was left open.
         """
-        status = entry.conn.pgconn.transaction_status
-        if status == _IDLE:
+        conn = entry.conn
+        if conn.pgconn.transaction_status == _IDLE and not self._reset_query:
+            conn._pgw_restore()
             self._release(entry, True)
             return
+        status = conn.pgconn.transaction_status
         reusable = False
         try:
             reusable = await self._reset(entry, status, warn)
@@ -498,12 +519,12 @@ class AsyncPool:
                 self.name,
             )
             return False
-        if status != _INTRANS and status != TransactionStatus.INERROR:
+        if status not in _RESETTABLE:
             if conn.broken:  # the server or the network ended it
                 with self._lock:
                     self._core.lost(monotonic())
             return False
-        if warn:
+        if warn and status != _IDLE:
             logger.warning(
                 "connection (backend pid %s) given back to pool %r inside a"
                 " transaction (acquired at %s); rolling it back",
@@ -513,11 +534,18 @@ class AsyncPool:
             )
         conn._pgw_timeout = self.config.validation_timeout
         try:
-            await conn.rollback()
+            if status != _IDLE:
+                if self._seams:
+                    await self._at_seam("rollback", entry)
+                await conn.rollback()
+            conn._pgw_restore()
+            if self._reset_query:
+                await conn.set_autocommit(True)
+                await conn.execute(self._reset_query)
+                await conn.set_autocommit(False)
         except Exception as ex:
             logger.warning(
-                "rollback of a connection given back to pool %r failed (%s);"
-                " closing it",
+                "resetting a connection given back to pool %r failed (%s); closing it",
                 self.name,
                 self._redact(str(ex)),
             )
@@ -536,11 +564,30 @@ class AsyncPool:
                 self._after_change_locked()
             drained = core.closed and not core.busy
         if waiter is not None:
+            if self._seams:
+                self._at_seam_now("assign", entry)
             waiter.wake()
         if entry.leak_reported:
             logger.info("%s", _messages.unleak_message(entry, self.name, now))
         if drained and self._drained is not None:
             self._drained.set()
+
+    async def _at_seam(self, name: str, entry: Entry) -> None:
+        hook = self._seams.get(name) if self._seams else None
+        if hook is None:
+            return
+        if True:  # ASYNC
+            result = hook(entry)
+            if inspect.isawaitable(result):
+                await result
+        else:
+            hook(entry)
+
+    def _at_seam_now(self, name: str, entry: Entry) -> None:
+        """A seam where the pool can't wait: the hook must not block."""
+        hook = self._seams.get(name) if self._seams else None
+        if hook is not None:
+            hook(entry)
 
     # -- background work ----------------------------------------------------
 
@@ -703,6 +750,34 @@ class _AsyncConnectionBlock:
         await pool._give_back(entry, warn=False)
 
 
+def _new_core(cfg: PoolConfig) -> PoolCore:
+    return PoolCore(
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        lanes=cfg.lanes,
+        max_waiting=cfg.max_waiting,
+        max_lifetime=cfg.max_lifetime,
+        idle_timeout=cfg.idle_timeout,
+        eviction_interval=cfg.eviction_interval,
+        tests_per_eviction_run=cfg.tests_per_eviction_run,
+        test_while_idle=cfg.test_while_idle,
+        leak_threshold=cfg.leak_detection_threshold,
+    )
+
+
+# Pools alive in this process, to be reset in a child after os.fork().
+_pools: weakref.WeakSet[AsyncPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_pools):
+        pool._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 async def _maintenance_loop(pool_ref: weakref.ref[AsyncPool]) -> None:
     """Run maintenance steps until the pool closes or is garbage collected."""
     while True:
@@ -724,9 +799,14 @@ async def _maintenance_loop(pool_ref: weakref.ref[AsyncPool]) -> None:
 async def _connect_one(pool: AsyncPool) -> None:
     """Open one connection and give it to the core; report failures."""
     core = pool._core
+    entry = None
     try:
         entry = await pool._connect()
+        if pool._seams:
+            await pool._at_seam("connect", entry)
     except BaseException as ex:
+        if entry is not None:  # made, but the pool can't take it now
+            await pool._close_conn(entry)
         now = monotonic()
         msg = pool._redact(str(ex).strip() or type(ex).__name__)
         sqlstate = getattr(ex, "sqlstate", None)
