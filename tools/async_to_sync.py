@@ -28,10 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 POOL = ROOT / "src" / "pgwarden" / "pool"
 TESTS = ROOT / "tests" / "pool"
+FAULTS = ROOT / "tests" / "faults"
 SOURCES = {
     POOL / "pool_async.py": POOL / "pool.py",
     POOL / "connection_async.py": POOL / "connection.py",
     TESTS / "test_pool_async.py": TESTS / "test_pool.py",
+    FAULTS / "test_server_async.py": FAULTS / "test_server.py",
+    FAULTS / "test_network_async.py": FAULTS / "test_network.py",
+    FAULTS / "test_lifecycle_async.py": FAULTS / "test_lifecycle.py",
 }
 
 # Whole-word renames, applied in order.
@@ -47,6 +51,8 @@ NAMES = {
     "agather": "gather",
     "acurrent_holder": "current_holder",
     "await_until": "wait_until",
+    "acheck_pool": "check_pool",
+    "acheck_closed": "check_closed",
     "wait_async": "wait",
     "connection_async": "connection",
     "__aenter__": "__enter__",

@@ -17,10 +17,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from psycopg.pq import TransactionStatus
-from tests._util import await_until, wait_until
-from tests.pool._helpers import backend_pids
 
 from pgwarden import AsyncPool, Pool
+from tests._util import await_until, wait_until
+from tests.pool._helpers import backend_pids
 
 
 def _accounting(pool: Pool | AsyncPool) -> None:

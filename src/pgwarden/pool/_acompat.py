@@ -26,14 +26,24 @@ current_thread_ident = threading.get_ident
 
 
 class _WaiterBase:
-    __slots__ = ("deadline", "entry", "error", "lane", "seq", "since", "state")
+    __slots__ = (
+        "deadline",
+        "entry",
+        "error",
+        "lane",
+        "seq",
+        "since",
+        "started",
+        "state",
+    )
 
     def __init__(self, lane: Lane) -> None:
         self.lane = lane
         self.entry: Entry | None = None
         self.error: BaseException | None = None
         self.seq = 0
-        self.since = 0.0
+        self.since = 0.0  # when it joined the queue
+        self.started = 0.0  # when its caller asked for a connection
         self.deadline = 0.0
         self.state = _core.WAITING
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import select
+import socket
 import threading
 from time import monotonic
 from typing import Any
@@ -27,16 +28,49 @@ _WRITING = PollingStatus.WRITING
 
 def abandon(pgconn: Any, timeout: float) -> None:
     """Close `pgconn` now; cancel its running query in the background."""
-    cancel: Any = None
+    cancel = _prepare(pgconn)
+    pgconn.finish()
+    _send_later(cancel, timeout)
+
+
+def interrupt(pgconn: Any, timeout: float) -> None:
+    """Cut `pgconn` off while someone else may be inside libpq with it.
+
+    The TCP session is shut down (whoever waits on it sees the end of the
+    stream and fails cleanly) and its query cancelled in the background, but
+    `pgconn` is not freed under its user: it is finished when it is garbage
+    collected.
+    """
+    cancel = _prepare(pgconn)
+    shutdown_socket(pgconn)
+    _send_later(cancel, timeout)
+
+
+def shutdown_socket(pgconn: Any) -> None:
+    """End a connection's TCP session without touching its libpq state."""
+    try:
+        with socket.socket(fileno=pgconn.socket) as s:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            finally:
+                s.detach()
+    except Exception:
+        pass  # already closed
+
+
+def _prepare(pgconn: Any) -> Any:
     try:
         if capabilities.has_cancel_safe():
             cancel = pgconn.cancel_conn()
             cancel.start()
-        else:
-            cancel = pgconn.get_cancel()
+            return cancel
+        return pgconn.get_cancel()
     except Exception as ex:
         logger.debug("could not prepare a cancel request: %s", ex)
-    pgconn.finish()
+        return None
+
+
+def _send_later(cancel: Any, timeout: float) -> None:
     if cancel is not None:
         threading.Thread(
             target=_send, args=(cancel, timeout), name="pgwarden cancel", daemon=True

@@ -90,6 +90,7 @@ class Entry:
     """One connection the pool owns, with what the pool knows about it."""
 
     __slots__ = (
+        "abandoned",
         "conn",
         "created_at",
         "doomed",
@@ -123,6 +124,7 @@ class Entry:
         self.handle_ref: Any = None  # weak reference to the handle out on loan
         self.lost_cb: Callable[[Any], None] | None = None
         self.doomed = False  # the server said it is ending this session
+        self.abandoned = False  # cut off while in use: never closed, just dropped
 
     def __repr__(self) -> str:
         states = ("idle", "busy", "checking", "closed")
@@ -212,6 +214,8 @@ class PoolCore:
         self.last_error: str | None = None
         self.last_error_at = 0.0
         self._failures = 0
+        self._invalid_streak = 0  # validation queries failed in a row
+        self.last_validation_error = ""
         self.next_connect_at = 0.0
         self.suspect_before = -math.inf
         self.next_eviction_at = 0.0
@@ -353,10 +357,12 @@ class PoolCore:
             if not lane.n_waiting:
                 continue
             waiters = lane.waiters
-            while waiters and waiters[0].state != WAITING:
-                waiters.popleft()
-            while waiters and not waiters[0].accepts():
-                self._forget_waiter(waiters.popleft())
+            # Drop heads that gave up: gone ones (already counted out) and
+            # cancelled ones that haven't run yet (counted out now).
+            while waiters and (waiters[0].state != WAITING or not waiters[0].accepts()):
+                head = waiters.popleft()
+                if head.state == WAITING:
+                    self._forget_waiter(head)
             if not waiters or not self.can_take(lane):
                 continue
             head = waiters[0]
@@ -467,7 +473,8 @@ class PoolCore:
         self.opening -= 1
         self.opened_total += 1
         self._failures = 0
-        self.next_connect_at = 0.0
+        if not self._invalid_streak:
+            self.next_connect_at = 0.0
         self.down = False
         self.entries.add(entry)
         if self.closed or self.size > self.max_size:
@@ -482,18 +489,36 @@ class PoolCore:
         self.last_error = error
         self.last_error_at = now
         self._failures += 1
-        delay = min(
-            BACKOFF_CAP, BACKOFF_INITIAL * BACKOFF_FACTOR ** (self._failures - 1)
-        )
-        delay *= 1.0 + BACKOFF_JITTER * (2.0 * self._rng.random() - 1.0)
-        self.next_connect_at = now + delay
+        self._back_off(now, self._failures)
         if unreachable:
             self.down = True
+
+    def _back_off(self, now: float, failures: int) -> None:
+        delay = min(BACKOFF_CAP, BACKOFF_INITIAL * BACKOFF_FACTOR ** (failures - 1))
+        delay *= 1.0 + BACKOFF_JITTER * (2.0 * self._rng.random() - 1.0)
+        self.next_connect_at = max(self.next_connect_at, now + delay)
 
     def lost(self, now: float) -> None:
         """A connection turned out dead: every idle one older is suspect."""
         self.lost_total += 1
         self.suspect_before = now
+
+    def validation_failed(self, now: float, error: str = "") -> None:
+        """The validation query failed on a connection that seemed alive.
+
+        Replacing it at once could spin (a query that always fails would open
+        and close connections as fast as the server allows): new connections
+        back off as after a failed connect, without the server being taken
+        for down, until a validation passes (`validation_passed`).
+        """
+        self.validation_failures_total += 1
+        self._invalid_streak += 1
+        self.last_validation_error = error
+        self.lost(now)
+        self._back_off(now, self._invalid_streak)
+
+    def validation_passed(self) -> None:
+        self._invalid_streak = 0
 
     def _discard(self, entry: Entry, reason: str) -> None:
         if entry.state == CHECKING:
@@ -534,14 +559,24 @@ class PoolCore:
         last_ok = entry.last_ok
         return now - last_ok > ALIVE_BYPASS_WINDOW or last_ok <= self.suspect_before
 
-    def check_done(self, entry: Entry, now: float, ok: bool) -> Waiter | None:
-        """The evictor finished validating an idle connection."""
+    def check_done(
+        self, entry: Entry, now: float, ok: bool, alive: bool = True
+    ) -> Waiter | None:
+        """The evictor finished validating an idle connection.
+
+        `alive` False: it failed the liveness test, before any query.
+        """
         if entry.state != CHECKING:
             return None
         if not ok:
-            self.validation_failures_total += 1
+            if alive:
+                self.validation_failed(now)
+            else:
+                self.validation_failures_total += 1
+                self.lost(now)
             self._discard(entry, "validation")
             return None
+        self.validation_passed()
         self.checking -= 1
         entry.last_ok = entry.last_checked = now
         if self.closed:

@@ -79,6 +79,11 @@ def timeout_message(
     held = core.held(now)[:HELD_SHOWN]
     if held:
         parts.append("held longest: " + "; ".join(held_line(e, now) for e in held))
+    if core._invalid_streak:
+        parts.append(
+            f"the last {core._invalid_streak} validation queries failed"
+            f" ({core.last_validation_error or 'no error text'})"
+        )
     if core.down:
         parts.append(
             f"the server is unreachable (callers give up after {FAST_FAIL_WAIT:g} s)"

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 # How often a wait wakes up to notice interrupts (as psycopg does).
 _WAIT_INTERVAL = 0.1
 
+# psycopg's default, which pooled connections are opened with.
+PREPARE_THRESHOLD = 5
+
 # How long the background cancel request may take to reach the server.
 CANCEL_TIMEOUT = 5.0
 
@@ -58,34 +61,37 @@ class PooledConnection(psycopg.Connection[Any]):
     ) -> RV:
         if timeout is None:
             timeout = self._pgw_timeout
+        pgconn = self.pgconn  # the handle may be detached while this runs
         try:
-            return waiting.wait(
-                gen, self.pgconn.socket, interval=interval, timeout=timeout
-            )
+            return waiting.wait(gen, pgconn.socket, interval=interval, timeout=timeout)
         except e._WaitTimeout:
-            self._pgw_abort()
+            self._pgw_abort(pgconn)
             raise QueryTimeout(
                 f"the query ran longer than {timeout:g} s (query_timeout) and was"
-                f" cancelled; its connection was closed (pool {self._pgw_pool!r})"
+                " cancelled; its connection was closed"
+                f" (pool {self.__dict__.get('_pgw_pool')!r})"
             ) from None
         except BaseException:
             # Cancelled or interrupted mid-query: the connection is in an
             # unknown state. Close it now rather than waiting on the server.
-            if self.pgconn.transaction_status == _ACTIVE:
-                self._pgw_abort()
+            if pgconn.transaction_status == _ACTIVE:
+                self._pgw_abort(pgconn)
             raise
 
-    def _pgw_abort(self) -> None:
+    def _pgw_abort(self, pgconn: Any) -> None:
         """Close the connection now; the server is told to stop its query."""
-        self._closed = True
-        abandon(self.pgconn, CANCEL_TIMEOUT)
+        if "pgconn" in self.__dict__:  # still attached: psycopg's own flag
+            self._closed = True
+        abandon(pgconn, CANCEL_TIMEOUT)
 
     def _pgw_restore(self) -> None:
         """Undo what a borrower changed on the client side; no round trip.
 
-        Transaction characteristics and row and cursor factories are settings
-        of the connection object: without this, the next borrower would get a
-        connection in autocommit, or returning dicts.
+        Transaction characteristics, row and cursor factories, notice and
+        notify handlers, adapters and the prepare threshold are settings of
+        the connection object: without this, the next borrower would get a
+        connection in autocommit, returning dicts, or calling someone else's
+        handlers.
         """
         d = self.__dict__
         if d["_autocommit"]:
@@ -100,6 +106,20 @@ class PooledConnection(psycopg.Connection[Any]):
             d["row_factory"] = tuple_row
         if d["cursor_factory"] is not psycopg.Cursor:
             d["cursor_factory"] = psycopg.Cursor
+        if len(d["_notice_handlers"]) > 1:  # the first one is the pool's
+            del d["_notice_handlers"][1:]
+        if d["_notify_handlers"]:
+            d["_notify_handlers"].clear()
+        prepared = d["_prepared"]
+        if prepared.prepare_threshold != PREPARE_THRESHOLD:
+            prepared.prepare_threshold = PREPARE_THRESHOLD
+        adapters = d["_adapters"]
+        if adapters is not None and (
+            True in adapters._own_loaders
+            or True in adapters._own_dumpers
+            or True in adapters._own_dumpers_by_oid
+        ):
+            d["_adapters"] = None  # made afresh from the global map on next use
 
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails. A detached handle has an empty

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import weakref
 from collections.abc import Callable
@@ -34,8 +33,9 @@ from ..errors import (
 )
 from . import _core, _messages
 from ._acompat import AEvent, AWaiter, Lock, acurrent_holder, agather, aspawn
+from ._cancel import interrupt, shutdown_socket
 from ._core import Entry, Lane, PoolCore
-from .connection_async import AsyncPooledConnection
+from .connection_async import CANCEL_TIMEOUT, AsyncPooledConnection
 from .stats import ConnectionInfo, PoolStats, describe, snapshot
 
 if True:  # ASYNC
@@ -88,6 +88,8 @@ class AsyncPool:
         self._reset_query = cfg.reset_query
         self._opened = False
         self._reopen_after_fork = False
+        if True:  # ASYNC
+            self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[Any] = set()
         self._lost: list[Entry] = []  # handles garbage collected while on loan
         self._wakeup: AEvent | None = None  # nudges the maintenance loop
@@ -122,6 +124,8 @@ class AsyncPool:
         if self._core.closed:
             raise PoolClosed(f"pool {self.name!r} is closed; it can't be reopened")
         if not self._opened:
+            if True:  # ASYNC
+                self._loop = asyncio.get_running_loop()
             self._opened = True
             self._wakeup = AEvent()
             self._ready = AEvent()
@@ -182,7 +186,7 @@ class AsyncPool:
                 entry.pid,
                 _messages.where(entry),
             )
-            _shutdown_socket(entry.conn)
+            shutdown_socket(entry.conn.pgconn)
         await agather(self._tasks, _STOP_TIMEOUT)
 
     async def __aenter__(self) -> AsyncPool:
@@ -297,14 +301,20 @@ class AsyncPool:
                     f"pool {self.name!r} is {'closed' if core.closed else 'not open'}"
                 )
             await self.open()
-        now = monotonic()
+        if True:  # ASYNC
+            if asyncio.get_running_loop() is not self._loop:
+                raise PoolClosed(
+                    f"pool {self.name!r} was opened in another event loop: an"
+                    " asyncio pool only serves the loop it was opened in"
+                )
+        now = started = monotonic()
         deadline = now + (
             self.config.connection_timeout if timeout is None else timeout
         )
         while True:
             with self._lock:
                 entry = core.try_acquire(lane, now)
-                waiter = None if entry else self._enqueue(lane, now, deadline)
+                waiter = None if entry else self._enqueue(lane, now, deadline, started)
                 if core._to_close:
                     self._after_change_locked()
             if waiter is not None:
@@ -318,13 +328,16 @@ class AsyncPool:
                 if await self._validate_borrowed(entry, deadline):
                     break
             else:
-                self._drop_dead(entry)
+                self._drop(entry, "dead")
             now = monotonic()
         return self._lend(entry, depth + 1)
 
-    def _enqueue(self, lane: Lane, now: float, deadline: float) -> AWaiter:
+    def _enqueue(
+        self, lane: Lane, now: float, deadline: float, started: float
+    ) -> AWaiter:
         """Queue a waiter (under the lock) and start the connects it needs."""
         waiter = AWaiter(lane)
+        waiter.started = started
         try:
             self._core.enqueue(waiter, now, deadline)
         except OverflowError:
@@ -333,7 +346,11 @@ class AsyncPool:
                 f" {self._core.n_waiting} callers already wait"
                 f" (max_waiting={self.config.max_waiting})"
             ) from None
-        self._start_connects(self._core.wanted_connects(now))
+        n = self._core.wanted_connects(now)
+        self._start_connects(n)
+        if not n and self._core.next_connect_at > now and self._wakeup is not None:
+            # Backing off: have maintenance connect as soon as the backoff ends.
+            self._wakeup.set()
         return waiter
 
     async def _wait_for(self, waiter: AWaiter) -> Entry:
@@ -386,7 +403,7 @@ class AsyncPool:
             if not self._core.expire_waiter(waiter, now):
                 return False
             msg = _messages.timeout_message(
-                self._core, self.name, waiter.lane, now - waiter.since, now
+                self._core, self.name, waiter.lane, now - waiter.started, now
             )
             last_error = self._core.last_error
         waiter.error = self._timeout(msg, last_error)
@@ -423,12 +440,16 @@ class AsyncPool:
             if self._seams:
                 await self._at_seam("validate", entry)
             await self._run_validation(entry.conn, timeout)
-        except BaseException as ex:
-            self._drop_dead(entry)
-            if not isinstance(ex, Exception):
-                raise
+        except Exception as ex:
+            self._drop(entry, "invalid", self._redact(" ".join(str(ex).split())))
             return False
+        except BaseException:
+            # Cancelled mid-check: the connection's state is unknown, but
+            # it is no evidence against it or the server.
+            self._drop(entry, "cancelled")
+            raise
         entry.last_ok = entry.last_checked = monotonic()
+        self._core.validation_passed()
         return True
 
     async def _run_validation(
@@ -445,13 +466,21 @@ class AsyncPool:
         finally:
             conn._pgw_timeout = self._query_timeout
 
-    def _drop_dead(self, entry: Entry) -> None:
-        """A borrowed connection failed its check: discard it and replace it."""
+    def _drop(self, entry: Entry, why: str, error: str = "") -> None:
+        """Discard a connection borrowed for a caller who won't get it.
+
+        `why`: "dead" (the liveness test saw its session end), "invalid" (the
+        validation query failed: new connections back off) or "cancelled".
+        """
         now = monotonic()
         with self._lock:
-            self._core.validation_failures_total += 1
-            self._core.lost(now)
-            waiter = self._core.discard(entry, "validation", now)
+            core = self._core
+            if why == "dead":
+                core.validation_failures_total += 1
+                core.lost(now)
+            elif why == "invalid":
+                core.validation_failed(now, error)
+            waiter = core.discard(entry, why, now)
             self._after_change_locked()
         if waiter is not None:
             waiter.wake()
@@ -512,12 +541,16 @@ class AsyncPool:
         """Bring a connection back to IDLE; False if it must be closed."""
         conn = entry.conn
         if status == _ACTIVE:
+            # Someone may still be waiting on that query, inside libpq: cut the
+            # session off and cancel the query, but don't free it under them.
             logger.warning(
                 "connection (backend pid %s) given back to pool %r during a query;"
-                " closing it",
+                " cancelling the query and dropping the connection",
                 entry.pid,
                 self.name,
             )
+            interrupt(conn.pgconn, CANCEL_TIMEOUT)
+            entry.abandoned = True
             return False
         if status not in _RESETTABLE:
             if conn.broken:  # the server or the network ended it
@@ -526,10 +559,11 @@ class AsyncPool:
             return False
         if warn and status != _IDLE:
             logger.warning(
-                "connection (backend pid %s) given back to pool %r inside a"
+                "connection (backend pid %s) given back to pool %r inside a%s"
                 " transaction (acquired at %s); rolling it back",
                 entry.pid,
                 self.name,
+                "" if status == _INTRANS else " failed",
                 _messages.where(entry),
             )
         conn._pgw_timeout = self.config.validation_timeout
@@ -625,6 +659,8 @@ class AsyncPool:
         return entry
 
     async def _close_conn(self, entry: Entry) -> None:
+        if entry.abandoned:
+            return  # freed by the garbage collector once nobody uses it
         try:
             await entry.conn.close()
         except Exception as ex:
@@ -632,8 +668,8 @@ class AsyncPool:
 
     async def _check_idle(self, entry: Entry) -> None:
         """Validate an idle connection for the evictor."""
-        ok = self._alive(entry)
-        if ok:
+        ok = alive = self._alive(entry)
+        if alive:
             try:
                 await self._run_validation(entry.conn, self.config.validation_timeout)
             except Exception as ex:
@@ -646,9 +682,7 @@ class AsyncPool:
                 ok = False
         now = monotonic()
         with self._lock:
-            if not ok:
-                self._core.lost(now)
-            waiter = self._core.check_done(entry, now, ok)
+            waiter = self._core.check_done(entry, now, ok, alive)
             self._after_change_locked()
         if waiter is not None:
             waiter.wake()
@@ -669,6 +703,7 @@ class AsyncPool:
             # A handle collected on loan can't be given back: take its
             # connection back, and close it (the server rolls back).
             reclaimed = [e for e in lost if e.state == _core.BUSY]
+            reports = [_messages.reclaim_message(e, self.name, now) for e in reclaimed]
             served = []
             for entry in reclaimed:
                 core.reclaimed_total += 1
@@ -683,8 +718,8 @@ class AsyncPool:
         for waiter in served:
             if waiter is not None:
                 waiter.wake()
-        for entry in reclaimed:
-            logger.warning("%s", _messages.reclaim_message(entry, self.name, now))
+        for report in reports:
+            logger.warning("%s", report)
         for entry in act.leaks:
             logger.warning(
                 "%s",
@@ -750,6 +785,31 @@ class _AsyncConnectionBlock:
         await pool._give_back(entry, warn=False)
 
 
+# A server that answers a connection with these is there, but not serving yet.
+_NOT_READY = (
+    "starting up",
+    "shutting down",
+    "in recovery",
+    "not yet accepting connections",
+)
+
+
+def _unreachable(ex: BaseException) -> bool:
+    """Whether a failed connect means the server can't be reached.
+
+    A server that answered with an error (too many connections, a bad
+    password, no such database) is reachable: callers keep waiting until their
+    own deadline. psycopg reports no SQLSTATE for a failed connect, so the
+    server's answer is told by its "FATAL:" message (an English-speaking
+    server's; other languages count as unreachable).
+    """
+    sqlstate = getattr(ex, "sqlstate", None)
+    if sqlstate:
+        return bool(sqlstate.startswith(("08", "57P")))
+    text = str(ex)
+    return "FATAL:" not in text or any(phrase in text for phrase in _NOT_READY)
+
+
 def _new_core(cfg: PoolConfig) -> PoolCore:
     return PoolCore(
         min_size=cfg.min_size,
@@ -809,10 +869,8 @@ async def _connect_one(pool: AsyncPool) -> None:
             await pool._close_conn(entry)
         now = monotonic()
         msg = pool._redact(str(ex).strip() or type(ex).__name__)
-        sqlstate = getattr(ex, "sqlstate", None)
-        unreachable = sqlstate is None or sqlstate.startswith(("08", "57P"))
         with pool._lock:
-            core.connect_failed(msg, now, unreachable)
+            core.connect_failed(msg, now, _unreachable(ex))
         logger.warning("pool %r could not connect: %s", pool.name, msg)
         if pool._wakeup is not None:
             pool._wakeup.set()
@@ -856,20 +914,3 @@ def _doom_on_fatal(entry: Entry) -> Callable[[psycopg.errors.Diagnostic], None]:
             entry.doomed = True
 
     return on_notice
-
-
-def _shutdown_socket(conn: Any) -> None:
-    """End a connection's TCP session without touching its libpq state.
-
-    Safe while another thread or task uses the connection: its next read
-    sees the end of the stream and fails cleanly.
-    """
-    try:
-        fd = conn.pgconn.socket
-        with socket.socket(fileno=fd) as s:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            finally:
-                s.detach()
-    except Exception:
-        pass
