@@ -1,0 +1,92 @@
+"""What one borrow and return costs, piece by piece, in a thread pool.
+
+    python bench/hotpath.py [--n 100000]
+
+Times `with pool.connection(): pass` with the defaults (validation on borrow and
+leak detection on), then each piece of that path on its own: the liveness test,
+the lock, the core's decision, making and detaching the handle (the cost of
+"a returned handle is dead"), undoing client-side changes. Then the same
+borrow with validation off and with leak detection off. Best of 5 runs; no
+query is sent. Run from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pgwarden import Pool
+from pgwarden.embedded import EmbeddedPostgres
+
+
+def best_of(func: Callable[[], object], n: int, runs: int = 5) -> float:
+    """Microseconds per call, best of `runs`."""
+    for _ in range(n // 10):
+        func()
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            func()
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+    return best
+
+
+def borrow(pool: Pool) -> Callable[[], None]:
+    def once() -> None:
+        with pool.connection():
+            pass
+
+    return once
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=100_000)
+    n = parser.parse_args().n
+
+    with EmbeddedPostgres() as pg:
+        with Pool(pg.dsn(), min_size=4, max_size=4) as pool:
+            pool.wait()
+            took = best_of(borrow(pool), n)
+            print(f"borrow + return, {'defaults':24s} {took:6.2f} µs")
+            entry = pool._core.idle[-1]
+            core, lane, lock = pool._core, pool._core.default_lane, pool._lock
+
+            def locked() -> None:
+                with lock:
+                    pass
+
+            def decide() -> None:
+                core.release(core.try_acquire(lane, 0.0), 0.0, True)  # type: ignore[arg-type]
+
+            def handle() -> None:
+                pool._detach(pool._lend(entry, 1))
+
+            pieces = {
+                "liveness test (no round trip)": lambda: pool._alive(entry),
+                "lock, taken twice": locked,
+                "core: acquire + release": decide,
+                "handle: lend + detach": handle,
+                "undo client-side changes": entry.conn._pgw_restore,
+            }
+            for name, func in pieces.items():
+                times = 2 if name.startswith("lock") else 1
+                print(f"  {name:38s} {best_of(func, n) * times:6.2f} µs")
+        for label, overrides in (
+            ("validation on borrow off", {"test_on_borrow": False}),
+            ("leak detection off", {"leak_detection_threshold": 0}),
+        ):
+            with Pool(pg.dsn(), min_size=4, max_size=4, **overrides) as pool:
+                pool.wait()
+                took = best_of(borrow(pool), n)
+                print(f"borrow + return, {label:24s} {took:6.2f} µs")
+
+
+if __name__ == "__main__":
+    main()
