@@ -8,14 +8,21 @@ when the string is malformed and libpq cannot parse it.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from urllib.parse import quote, quote_plus, unquote
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-__all__ = ["conninfo_problem", "mask_conninfo", "redact", "secrets_of"]
+__all__ = [
+    "conninfo_problem",
+    "mask_conninfo",
+    "redact",
+    "secrets_of",
+    "with_session",
+]
 
 MASK = "***"
 
@@ -171,3 +178,32 @@ def conninfo_problem(conninfo: str) -> str | None:
     return _QUOTED.sub(
         lambda m: m[0] if len(m[1]) <= 1 or m[1] in masked else '"..."', message
     ).removesuffix(" in connection info string")
+
+
+def with_session(
+    conninfo: str,
+    *,
+    application_name: str,
+    force_name: bool = False,
+    settings: dict[str, int] | None = None,
+    connect_timeout: int,
+) -> str:
+    """`conninfo` for one of pgwarden's sessions.
+
+    Adds `application_name` (over the conninfo's own only with `force_name`),
+    `connect_timeout` (unless the conninfo sets one) and the server `settings`
+    as ``-c name=value`` in ``options``, after the options the conninfo
+    already has (or ``PGOPTIONS``, which libpq stops reading once ``options``
+    is set).
+    """
+    params = conninfo_to_dict(conninfo)
+    extra: dict[str, str] = {}
+    if force_name or "application_name" not in params:
+        extra["application_name"] = application_name
+    if settings:
+        existing = str(params.get("options", os.environ.get("PGOPTIONS", "")))
+        flags = [f"-c {name}={value}" for name, value in settings.items()]
+        extra["options"] = " ".join(filter(None, [existing.strip(), *flags]))
+    if "connect_timeout" not in params:
+        extra["connect_timeout"] = str(connect_timeout)
+    return make_conninfo(conninfo, **extra)

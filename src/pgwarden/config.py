@@ -19,9 +19,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
 from dotenv import dotenv_values
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
-from pgwarden._conninfo import conninfo_problem, mask_conninfo
+from pgwarden._conninfo import conninfo_problem, mask_conninfo, with_session
 from pgwarden.errors import ConfigError
 
 __all__ = ["ENV_VARS", "LaneSpec", "PoolConfig", "parse_duration"]
@@ -344,6 +344,17 @@ def _reject_unknown(names: Iterable[str]) -> None:
             raise _unknown_setting(name)
 
 
+def read_environment(
+    environ: Mapping[str, str] | None, from_file: Mapping[str, str]
+) -> dict[str, str]:
+    """The variables set in `environ` (default: `os.environ`) over `from_file`.
+
+    Variables set to an empty string count as not set.
+    """
+    process = os.environ if environ is None else environ
+    return {**from_file, **{key: value for key, value in process.items() if value}}
+
+
 def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
     if path is None or not Path(path).is_file():
         return {}
@@ -460,8 +471,7 @@ class PoolConfig:
         """
         _reject_unknown(overrides)
         from_file = _read_env_file(env_file)
-        process = os.environ if environ is None else environ
-        env = from_file | {key: value for key, value in process.items() if value}
+        env = read_environment(environ, from_file)
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
         for name, var in ENV_VARS.items():
@@ -513,24 +523,16 @@ class PoolConfig:
         are not 0, after the options it already has (or PGOPTIONS, which
         libpq would otherwise stop reading).
         """
-        params = conninfo_to_dict(self.conninfo)
-        extra: dict[str, str] = {}
-        if "application_name" not in params:
-            extra["application_name"] = self.application_name
-        settings = [
-            f"-c {setting}={_milliseconds(getattr(self, name))}"
-            for name, setting in _SERVER_SETTINGS.items()
-            if getattr(self, name) > 0
-        ]
-        if settings:
-            if "options" in params:
-                existing = str(params["options"])
-            else:
-                existing = os.environ.get("PGOPTIONS", "")
-            extra["options"] = " ".join(filter(None, [existing.strip(), *settings]))
-        if "connect_timeout" not in params:
-            extra["connect_timeout"] = str(max(2, math.ceil(self.connection_timeout)))
-        return make_conninfo(self.conninfo, **extra)
+        return with_session(
+            self.conninfo,
+            application_name=self.application_name,
+            settings={
+                setting: _milliseconds(getattr(self, name))
+                for name, setting in _SERVER_SETTINGS.items()
+                if getattr(self, name) > 0
+            },
+            connect_timeout=max(2, math.ceil(self.connection_timeout)),
+        )
 
     def _values(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in fields(self)}

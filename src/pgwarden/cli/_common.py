@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 
 import click
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from rich.console import Console
 
+from pgwarden._conninfo import with_session
 from pgwarden.config import PoolConfig, parse_duration
 from pgwarden.errors import ConfigError
 
@@ -64,21 +64,17 @@ def connect(dsn: str | None) -> psycopg.Connection[Any]:
     on stderr and exit status 2.
     """
     conninfo = PoolConfig.from_env().conninfo if dsn is None else dsn
-    params = conninfo_to_dict(conninfo)
-    options = " ".join(
-        filter(
-            None,
-            [
-                str(params.get("options", "")).strip(),
-                f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-                f"-c lock_timeout={LOCK_TIMEOUT_MS}",
-            ],
-        )
+    conninfo = with_session(
+        conninfo,
+        application_name=APPLICATION_NAME,
+        force_name=True,
+        settings={
+            "statement_timeout": STATEMENT_TIMEOUT_MS,
+            "lock_timeout": LOCK_TIMEOUT_MS,
+        },
+        connect_timeout=5,
     )
-    extra = {"application_name": APPLICATION_NAME, "options": options}
-    if "connect_timeout" not in params:
-        extra["connect_timeout"] = "5"
-    return psycopg.connect(make_conninfo(conninfo, **extra), autocommit=True)
+    return psycopg.connect(conninfo, autocommit=True)
 
 
 def echo_json(data: Any) -> None:

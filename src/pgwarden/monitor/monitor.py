@@ -19,9 +19,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .._conninfo import redact, secrets_of
+from .._conninfo import redact, secrets_of, with_session
 from ..config import PoolConfig
 from ..pool.stats import ConnectionInfo, PoolStats
 from . import rules
@@ -250,22 +249,17 @@ def _utcnow() -> datetime:
 
 def _monitor_conninfo(conninfo: str) -> str:
     """The user's conninfo, as the monitor's own short-fused session."""
-    params = conninfo_to_dict(conninfo)
-    options = " ".join(
-        filter(
-            None,
-            [
-                str(params.get("options", "")).strip(),
-                f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-                f"-c lock_timeout={LOCK_TIMEOUT_MS}",
-                "-c idle_in_transaction_session_timeout=10000",
-            ],
-        )
+    return with_session(
+        conninfo,
+        application_name=APPLICATION_NAME,
+        force_name=True,
+        settings={
+            "statement_timeout": STATEMENT_TIMEOUT_MS,
+            "lock_timeout": LOCK_TIMEOUT_MS,
+            "idle_in_transaction_session_timeout": 10_000,
+        },
+        connect_timeout=CONNECT_TIMEOUT,
     )
-    extra = {"application_name": APPLICATION_NAME, "options": options}
-    if "connect_timeout" not in params:
-        extra["connect_timeout"] = str(CONNECT_TIMEOUT)
-    return make_conninfo(conninfo, **extra)
 
 
 def _attribute(server: ServerSnapshot, pools: Sequence[PoolReport]) -> ServerSnapshot:

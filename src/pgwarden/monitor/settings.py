@@ -7,7 +7,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Final, Self
 
-from ..config import _parse_int, _read_env_file, _unknown_setting, parse_duration
+from ..config import (
+    _parse_int,
+    _read_env_file,
+    _unknown_setting,
+    parse_duration,
+    read_environment,
+)
 from ..errors import ConfigError
 
 ENV_VARS: Final[Mapping[str, str]] = {
@@ -92,9 +98,7 @@ class MonitorSettings:
     ) -> Self:
         """Read the settings from the environment, then `env_file`; keywords win."""
         _reject_unknown(overrides)
-        env = _read_env_file(env_file) | {
-            k: v for k, v in (os.environ if environ is None else environ).items() if v
-        }
+        env = read_environment(environ, _read_env_file(env_file))
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
         for name, var in ENV_VARS.items():
