@@ -23,7 +23,7 @@ import math
 import random
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ..config import LaneSpec
@@ -95,14 +95,13 @@ class Entry:
         "created_at",
         "doomed",
         "expires_at",
-        "handle_ref",
+        "handle",
         "held_since",
         "holder",
         "lane",
         "last_checked",
         "last_ok",
         "leak_reported",
-        "lost_cb",
         "pid",
         "site",
         "state",
@@ -121,8 +120,9 @@ class Entry:
         self.site: tuple[Any, int] | None = None  # (code object, line) of the borrower
         self.holder: Any = None  # thread ident or asyncio task of the borrower
         self.leak_reported = False
-        self.handle_ref: Any = None  # weak reference to the handle out on loan
-        self.lost_cb: Callable[[Any], None] | None = None
+        # The handle lent out last: attached while on loan, kept detached
+        # afterwards so the next borrow can reuse it if nobody else holds it.
+        self.handle: Any = None
         self.doomed = False  # the server said it is ending this session
         self.abandoned = False  # cut off while in use: never closed, just dropped
 
@@ -262,14 +262,27 @@ class PoolCore:
         for closing (`pop_to_close`) and the next one is tried.
         """
         idle = self.idle
-        if not idle or not self.can_take(lane):
+        in_use = lane.in_use
+        # can_take() and _lease(), inlined: this is the hot path.
+        if not idle or in_use >= lane.limit:
+            return None
+        owed = in_use < lane.reserved
+        if not owed and self.committed >= self.max_size:
             return None
         while idle:
             entry = idle.pop()
             if entry.expires_at <= now:
                 self._discard(entry, "max_lifetime")
                 continue
-            self._lease(entry, lane, now)
+            entry.state = BUSY
+            entry.lane = lane
+            entry.held_since = now
+            entry.leak_reported = False
+            if not owed:
+                self.committed += 1
+            lane.in_use = in_use + 1
+            self.busy += 1
+            self.borrowed_total += 1
             return entry
         return None
 
@@ -398,7 +411,15 @@ class PoolCore:
         connection is marked for closing. Otherwise it goes to the next waiter
         (returned, for the shell to wake) or back to the idle stack.
         """
-        self._unlease(entry)
+        # _unlease(), inlined: this is the hot path.
+        lane = entry.lane
+        assert lane is not None and entry.state == BUSY, entry
+        in_use = lane.in_use = lane.in_use - 1
+        if in_use >= lane.reserved:
+            self.committed -= 1
+        self.busy -= 1
+        entry.lane = None
+        entry.holder = None
         if reusable:
             entry.last_ok = now
             if self.closed:
@@ -433,7 +454,6 @@ class PoolCore:
             self.committed -= 1
         self.busy -= 1
         entry.lane = None
-        entry.handle_ref = None
         entry.holder = None
 
     # -- opening and closing ------------------------------------------------
@@ -553,11 +573,6 @@ class PoolCore:
         return self._serve_from_idle(now) if was_busy else None
 
     # -- checks -------------------------------------------------------------
-
-    def needs_query_check(self, entry: Entry, now: float) -> bool:
-        """Whether a borrow must prove `entry` works with a query."""
-        last_ok = entry.last_ok
-        return now - last_ok > ALIVE_BYPASS_WINDOW or last_ok <= self.suspect_before
 
     def check_done(
         self, entry: Entry, now: float, ok: bool, alive: bool = True

@@ -17,6 +17,7 @@ import os
 import sys
 import weakref
 from collections.abc import Callable
+from sys import getrefcount
 from time import monotonic
 from types import TracebackType
 from typing import Any
@@ -87,7 +88,6 @@ class Pool:
         self._opened = False
         self._reopen_after_fork = False
         self._tasks: set[Any] = set()
-        self._lost: list[Entry] = []  # handles garbage collected while on loan
         self._wakeup: Event | None = None  # nudges the maintenance loop
         self._ready: Event | None = None  # set once min_size connections are open
         self._drained: Event | None = None  # set when the last borrower returns
@@ -242,7 +242,6 @@ class Pool:
         self._core = _new_core(self.config)
         self._lock = Lock()
         self._tasks = set()
-        self._lost = []
         self._wakeup = self._ready = self._drained = None
 
     # -- borrowing ----------------------------------------------------------
@@ -296,13 +295,16 @@ class Pool:
                 )
             self.open()
         now = started = monotonic()
-        deadline = now + (
-            self.config.connection_timeout if timeout is None else timeout
-        )
+        if timeout is None:
+            timeout = self.config.connection_timeout
         while True:
             with self._lock:
                 entry = core.try_acquire(lane, now)
-                waiter = None if entry else self._enqueue(lane, now, deadline, started)
+                waiter = (
+                    None
+                    if entry
+                    else self._enqueue(lane, now, started + timeout, started)
+                )
                 if core._to_close:
                     self._after_change_locked()
             if waiter is not None:
@@ -311,9 +313,12 @@ class Pool:
             if not self._test_on_borrow:
                 break
             if self._alive(entry):
-                if not core.needs_query_check(entry, now):
+                # Recently used and not suspect: the liveness test is enough.
+                last_ok = entry.last_ok
+                bypass = _core.ALIVE_BYPASS_WINDOW  # a module global: tests patch it
+                if now - last_ok <= bypass and last_ok > core.suspect_before:
                     break
-                if self._validate_borrowed(entry, deadline):
+                if self._validate_borrowed(entry, started + timeout):
                     break
             else:
                 self._drop(entry, "dead")
@@ -450,12 +455,18 @@ class Pool:
             waiter.wake()
 
     def _lend(self, entry: Entry, depth: int) -> PooledConnection:
-        """Make the handle the borrower gets."""
-        conn = entry.conn
-        handle = object.__new__(PooledConnection)
-        handle.__dict__ = conn.__dict__
+        """Make the handle the borrower gets.
+
+        The last handle of this connection is reused when only the entry
+        still refers to it (nobody kept the stale one): no allocation.
+        """
+        if getrefcount(entry.handle) > 2:  # held elsewhere, or None
+            new = object.__new__(PooledConnection)
+            new._pgw_entry = None  # readable at once by the maintenance
+            entry.handle = new
+        handle: PooledConnection = entry.handle
+        handle.__dict__ = entry.conn.__dict__
         handle._pgw_entry = entry
-        entry.handle_ref = weakref.ref(handle, entry.lost_cb)
         frame = sys._getframe(depth)
         entry.site = (frame.f_code, frame.f_lineno)
         entry.holder = current_holder()
@@ -481,7 +492,6 @@ class Pool:
             )
         handle._pgw_entry = None
         handle.__dict__ = {}
-        entry.handle_ref = None
         return entry
 
     def _give_back(self, entry: Entry, warn: bool) -> None:
@@ -609,7 +619,6 @@ class Pool:
         # psycopg_pool is installed); a weak reference avoids a cycle.
         conn.__dict__["_pool"] = self._ref
         entry = self._core.new_entry(conn, conn.info.backend_pid, monotonic())
-        entry.lost_cb = _lost_callback(self._lost, entry)
         conn.add_notice_handler(_doom_on_fatal(entry))
         return entry
 
@@ -645,9 +654,6 @@ class Pool:
     def _maintain(self) -> float:
         """One maintenance step; return how long to sleep before the next."""
         core = self._core
-        lost = []
-        while self._lost:
-            lost.append(self._lost.pop())
         now = monotonic()
         with self._lock:
             # Idle connections whose session ended (server restart, a kill,
@@ -655,9 +661,17 @@ class Pool:
             for entry in [e for e in core.idle if not self._alive(e)]:
                 core.lost(now)
                 core.discard(entry, "lost", now)
-            # A handle collected on loan can't be given back: take its
-            # connection back, and close it (the server rolls back).
-            reclaimed = [e for e in lost if e.state == _core.BUSY]
+            # A handle dropped on loan (only its entry still refers to it)
+            # can't be given back: take its connection back and close it
+            # (the server rolls back).
+            reclaimed = [
+                e
+                for e in core.entries
+                if e.state == _core.BUSY
+                and e.handle is not None
+                and e.handle._pgw_entry is e
+                and getrefcount(e.handle) == 2
+            ]
             reports = [_messages.reclaim_message(e, self.name, now) for e in reclaimed]
             served = []
             for entry in reclaimed:
@@ -729,7 +743,12 @@ class _ConnectionBlock:
         self._conn = None
         pool = self._pool
         entry = pool._detach(conn)
-        if exc_type is None and entry.conn.pgconn.transaction_status == _INTRANS:
+        status = entry.conn.pgconn.transaction_status
+        if status == _IDLE and not pool._reset_query:  # the common case, inlined
+            entry.conn._pgw_restore()
+            pool._release(entry, True)
+            return
+        if exc_type is None and status == _INTRANS:
             try:
                 entry.conn.commit()
             except BaseException:
@@ -848,17 +867,6 @@ def _close_entries(pool: Pool, entries: list[tuple[Entry, str]]) -> None:
 
 def _check_entry(pool: Pool, entry: Entry) -> None:
     pool._check_idle(entry)
-
-
-def _lost_callback(lost: list[Entry], entry: Entry) -> Callable[[Any], None]:
-    """The callback of the weak reference to a handle on loan."""
-
-    def on_handle_collected(ref: Any) -> None:
-        # Runs wherever the garbage collector runs: only note it.
-        if entry.handle_ref is ref:
-            lost.append(entry)
-
-    return on_handle_collected
 
 
 def _doom_on_fatal(entry: Entry) -> Callable[[psycopg.errors.Diagnostic], None]:
