@@ -38,7 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from impls import AsyncImpl, SyncImpl
+from impls_base import AsyncImpl, SyncImpl
+from metrics import jain, starved
 from system import CpuMeter, CpuUse, mean_use, others_load
 from workloads import Cell
 
@@ -103,6 +104,16 @@ class Sample:
     @property
     def cpu_per_op(self) -> float:
         return self.cpu_seconds / self.ops if self.ops else 0.0
+
+    @property
+    def jain(self) -> float | None:
+        """Jain's fairness index over the workers' completions (metrics.py)."""
+        return jain(self.worker_ops)
+
+    @property
+    def starved(self) -> int:
+        """Workers that completed under 10% of the mean (metrics.py)."""
+        return starved(self.worker_ops)
 
 
 # -- bookkeeping ------------------------------------------------------------

@@ -1,15 +1,12 @@
-"""The implementations under test: small adapters with a common interface.
+"""The implementations under test, and the lists the runner measures.
 
-A sync implementation is used by threads, an async one by the tasks of one
-event loop (create it inside that loop). Creating one does no I/O; `open`
-connects everything before the clock starts; ``connection(i)`` lends worker
-``i`` a connection for a ``with`` block (as ``with pool.connection() as
-conn:``); `close` closes it all, even after a failed `open`.
+Here: direct connections, psycopg_pool and pgwarden; SQLAlchemy's QueuePool
+and asyncpg's pool are in impls_others.py, the interface in impls_base.py.
 
-Every implementation connects with the same conninfo and psycopg's defaults
-(autocommit off). pgwarden adds application_name and, in ``options``, the
-server-side statement_timeout and idle_in_transaction_session_timeout: that
-costs nothing per borrow.
+Every psycopg implementation connects with the same conninfo and psycopg's
+defaults (autocommit off). pgwarden adds application_name and, in
+``options``, the server-side statement_timeout and
+idle_in_transaction_session_timeout: that costs nothing per borrow.
 
 To add an implementation, subclass `SyncImpl` or `AsyncImpl` and list it in
 `SYNC_IMPLS` or `ASYNC_IMPLS`.
@@ -17,7 +14,6 @@ To add an implementation, subclass `SyncImpl` or `AsyncImpl` and list it in
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import TracebackType
 from typing import Any, ClassVar
@@ -27,66 +23,17 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 import pgwarden
+from impls_base import OPEN_TIMEOUT, AsyncImpl, SyncImpl
+from impls_others import (
+    Asyncpg,
+    AsyncpgNoReset,
+    Sqlalchemy,
+    SqlalchemyPrePing,
+)
 
 __all__ = ["ASYNC_IMPLS", "SYNC_IMPLS", "AsyncImpl", "SyncImpl"]
 
-# Longest wait for an implementation to open all its connections.
-OPEN_TIMEOUT = 60.0
-
 _IDLE = TransactionStatus.IDLE
-
-
-class _Base:
-    name: ClassVar[str]
-    driver: ClassVar[str] = "psycopg"  # which workload functions it runs
-    # The ratio reference of its kind: one connection per worker, no pool.
-    reference: ClassVar[bool] = False
-
-    def __init__(self, dsn: str, *, size: int, workers: int) -> None:
-        self.dsn = dsn
-        self.size = size
-        self.workers = workers
-
-    @classmethod
-    def connections(cls, *, size: int, workers: int) -> int:
-        """How many connections it opens for a pool size and a worker count."""
-        return workers if cls.reference else size
-
-
-class SyncImpl(_Base, ABC):
-    """Lends connections to threads."""
-
-    kind: ClassVar[str] = "sync"
-
-    @abstractmethod
-    def open(self) -> None:
-        """Open every connection; return once they are all ready."""
-
-    @abstractmethod
-    def connection(self, worker: int) -> AbstractContextManager[Any]:
-        """Lend a connection to `worker` for the duration of a `with` block."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Close what `open` opened, even if it failed half way."""
-
-
-class AsyncImpl(_Base, ABC):
-    """Lends connections to asyncio tasks."""
-
-    kind: ClassVar[str] = "async"
-
-    @abstractmethod
-    async def open(self) -> None:
-        """Open every connection; return once they are all ready."""
-
-    @abstractmethod
-    def connection(self, worker: int) -> AbstractAsyncContextManager[Any]:
-        """Lend a connection to `worker` for an `async with` block."""
-
-    @abstractmethod
-    async def close(self) -> None:
-        """Close what `open` opened, even if it failed half way."""
 
 
 # -- direct: one connection per worker, the upper bound ---------------------
@@ -269,10 +216,13 @@ class Pgwarden(SyncImpl):
     """`pgwarden.Pool` with its defaults (test_on_borrow, leak detection on)."""
 
     name = "pgwarden"
+    overrides: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, dsn: str, *, size: int, workers: int) -> None:
         super().__init__(dsn, size=size, workers=workers)
-        self._pool = pgwarden.Pool(dsn, min_size=size, max_size=size)
+        self._pool = pgwarden.Pool(
+            dsn, min_size=size, max_size=size, **type(self).overrides
+        )
 
     def open(self) -> None:
         self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
@@ -284,14 +234,25 @@ class Pgwarden(SyncImpl):
         self._pool.close()
 
 
+class PgwardenNoLeak(Pgwarden):
+    """`pgwarden.Pool` with leak detection off: target 6, on `acquire` only."""
+
+    name = "pgwarden-noleak"
+    overrides = {"leak_detection_threshold": 0}
+    cells = frozenset({"acquire"})
+
+
 class PgwardenAsync(AsyncImpl):
     """`pgwarden.AsyncPool` with its defaults."""
 
     name = "pgwarden-async"
+    overrides: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, dsn: str, *, size: int, workers: int) -> None:
         super().__init__(dsn, size=size, workers=workers)
-        self._pool = pgwarden.AsyncPool(dsn, min_size=size, max_size=size)
+        self._pool = pgwarden.AsyncPool(
+            dsn, min_size=size, max_size=size, **type(self).overrides
+        )
 
     async def open(self) -> None:
         await self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
@@ -303,15 +264,29 @@ class PgwardenAsync(AsyncImpl):
         await self._pool.close()
 
 
+class PgwardenNoLeakAsync(PgwardenAsync):
+    """`pgwarden.AsyncPool` with leak detection off, on `acquire` only."""
+
+    name = "pgwarden-noleak-async"
+    overrides = {"leak_detection_threshold": 0}
+    cells = frozenset({"acquire"})
+
+
 SYNC_IMPLS: tuple[type[SyncImpl], ...] = (
     Direct,
     PsycopgPool,
     PsycopgPoolChecked,
+    Sqlalchemy,
+    SqlalchemyPrePing,
     Pgwarden,
+    PgwardenNoLeak,
 )
 ASYNC_IMPLS: tuple[type[AsyncImpl], ...] = (
     DirectAsync,
     PsycopgPoolAsync,
     PsycopgPoolCheckedAsync,
+    Asyncpg,
+    AsyncpgNoReset,
     PgwardenAsync,
+    PgwardenNoLeakAsync,
 )

@@ -38,6 +38,8 @@ class Row:
     wait_p50_us: float | None
     wait_p99_us: float | None
     cpu_us_per_op: float | None
+    jain: float | None  # Jain's index over per-worker completions: median
+    starved: int | None  # workers under 10% of the mean: the most in a round
     other_cores: float | None  # cores kept busy by other processes meanwhile
 
 
@@ -79,6 +81,8 @@ def summarize(
                 wait_p50_us=_median(s.waits["p50"] * 1e6 for s in good),
                 wait_p99_us=_median(s.waits["p99"] * 1e6 for s in good),
                 cpu_us_per_op=_median(s.cpu_per_op * 1e6 for s in good),
+                jain=_median(j for s in good if (j := s.jain) is not None),
+                starved=max((s.starved for s in good), default=None),
                 other_cores=_median(
                     s.cores.other for s in good if s.cores and s.cores.other is not None
                 ),
@@ -100,6 +104,8 @@ _HEADERS = (
     "wait p50 µs",
     "wait p99 µs",
     "CPU µs/op",
+    "Jain",
+    "starved",
     "other load",
 )
 
@@ -129,6 +135,8 @@ def _cells(row: Row) -> list[str]:
         _num(row.wait_p50_us),
         _num(row.wait_p99_us),
         _num(row.cpu_us_per_op),
+        "-" if row.jain is None else f"{row.jain:.3f}",
+        "-" if row.starved is None else str(row.starved),
         "-" if row.other_cores is None else f"{row.other_cores:.2f}",
     ]
 
@@ -204,8 +212,12 @@ def write_json(
     cells: Sequence[Cell],
     samples: Sequence[Sample],
     rows: Sequence[Row],
+    extra: dict[str, Any],
 ) -> None:
-    """Everything: the settings, the samples of every round and the summary."""
+    """Everything: the settings, the samples of every round and the summary.
+
+    `extra` (the targets, the probes) is added at the top level.
+    """
     doc = {
         "meta": meta,
         "cells": [
@@ -220,9 +232,15 @@ def write_json(
             for c in cells
         ],
         "summary": [dataclasses.asdict(r) for r in rows],
+        **extra,
         "samples": [
             dataclasses.asdict(s)
-            | {"throughput": s.throughput, "cpu_per_op": s.cpu_per_op}
+            | {
+                "throughput": s.throughput,
+                "cpu_per_op": s.cpu_per_op,
+                "jain": s.jain,
+                "starved": s.starved,
+            }
             for s in samples
         ],
     }

@@ -7,14 +7,17 @@ Run from the project root::
     .venv/bin/python bench/run.py --dsn 'host=db dbname=bench'
 
 Starts a throwaway PostgreSQL (unless --dsn is given), runs every cell of
-`workloads.CELLS` with every implementation of `impls`, and prints the
-medians; see bench/README.md for how to read them.
+`workloads.CELLS` with every implementation of `impls`, probes the
+terminated-backend guarantee (guarantee.py) and the memory overhead
+(memory.py), and prints the medians and the issue's targets with PASS/FAIL
+(targets.py); see bench/README.md for how to read them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.metadata
 import logging
 import os
@@ -31,10 +34,15 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+import guarantee
+import memory
 from harness import Quiet, Sample, Timing, measure_round
-from impls import ASYNC_IMPLS, SYNC_IMPLS, AsyncImpl, SyncImpl
+from impls import ASYNC_IMPLS, SYNC_IMPLS
+from impls_base import AsyncImpl, SyncImpl
+from metrics import STARVED_FRACTION
 from report import render, summarize, write_json
 from system import others_load, server_pid_of_backend, wait_until_quiet
+from targets import evaluate, render_checks
 from workloads import CELLS, Cell, drop_tables, setup_tables
 
 Impl = type[SyncImpl] | type[AsyncImpl]
@@ -44,10 +52,13 @@ MAX_CONNECTIONS = 200  # of the embedded server
 ROUND_OVERHEAD = 0.8  # seconds: the quiet check, opening and closing
 
 MODES = {
-    "full": Timing(warmup=0.3, duration=2.5, slices=5),
-    "quick": Timing(warmup=0.2, duration=0.8, slices=2),
+    "full": Timing(warmup=0.25, duration=1.5, slices=3),
+    "quick": Timing(warmup=0.15, duration=0.5, slices=2),
 }
 REPS = {"full": 3, "quick": 1}
+GUARANTEE_ROUNDS = {"full": 5, "quick": 2}  # per probed pool
+MEMORY_REPEATS = {"full": 3, "quick": 1}  # per variant (a process each)
+PROBES_SECONDS = {"full": 25.0, "quick": 10.0}  # both probes, about
 
 NOTES = """\
 vs direct: throughput / direct's (same kind: threads or asyncio) in the same
@@ -61,6 +72,13 @@ wait: time to get a connection (entering the connection() block), per op.
 CPU µs/op: CPU time of this process (harness, driver, pool; not the server)
   per operation. Client and server share {cpus} core(s): compare ratios within
   one run, not absolute numbers across runs (expect +-20% run to run).
+Jain: Jain's fairness index over the workers' completed operations,
+  (sum x)^2 / (n * sum x^2): 1.000 all equal, 1/n one worker did all; median
+  over the rounds. starved: workers that completed under 10% of the mean, the
+  most in any round.
+asyncpg speaks its own protocol: SELECT 1 is one round trip (psycopg's is
+  BEGIN, SELECT, COMMIT), plus one for its reset query on release unless
+  -noreset; its ratio is to psycopg's direct-async.
 other load: cores kept busy by other processes (neither this client nor its
   server) meanwhile; a slice above {limit:g} was measured again (--retries),
   and the row is suspect if it still is above."""
@@ -137,6 +155,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " (default: %(default)s)",
     )
     p.add_argument(
+        "--no-probes",
+        action="store_true",
+        help="skip the guarantee and memory probes (targets 2's guarantee and 7)",
+    )
+    p.add_argument(
         "--format",
         choices=("auto", "plain", "rich"),
         default="auto",
@@ -168,7 +191,9 @@ def _plan(
             group = [
                 impl
                 for impl in impls
-                if impl.kind == kind and cell.workload.supports(kind, impl.driver)
+                if impl.kind == kind
+                and impl.runs_in(cell.id)
+                and cell.workload.supports(kind, impl.driver)
             ]
             if not group:
                 continue
@@ -238,7 +263,8 @@ def _safe_dsn(dsn: str) -> str:
 
 def _versions() -> dict[str, str]:
     out = {}
-    for dist in ("pgwarden", "psycopg", "psycopg-binary", "psycopg-pool"):
+    dists = ("pgwarden", "psycopg", "psycopg-binary", "psycopg-pool")
+    for dist in (*dists, "sqlalchemy", "asyncpg", "prometheus-client"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[dist] = importlib.metadata.version(dist)
     out["psycopg_impl"] = psycopg.pq.__impl__
@@ -298,6 +324,95 @@ def _measure(
     return samples
 
 
+@dataclass
+class Probes:
+    """The results of the probes outside the timed rounds (None: skipped)."""
+
+    guarantee: list[guarantee.Probed] | None = None
+    memory: memory.Memory | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "guarantee": None
+            if self.guarantee is None
+            else [dataclasses.asdict(p) for p in self.guarantee],
+            "memory": None if self.memory is None else self.memory.as_dict(),
+        }
+
+
+def _probe(dsn: str, impls: Sequence[Impl], mode: str) -> Probes:
+    print("probes: terminated backends, then memory ...", file=sys.stderr)
+    found = guarantee.probe(impls, dsn, GUARANTEE_ROUNDS[mode])
+    for p in found:
+        what = "FAILED" if p.error else f"dead handed out {p.dead} of {p.borrows}"
+        _note(f"{p.impl:<24} {what}")
+    mem = memory.measure(dsn, MEMORY_REPEATS[mode])
+    for kind in ("sync", "async"):
+        over = mem.overhead(kind)
+        if over is not None:
+            _note(f"memory {kind:<17} +{over['total_mb']:.1f} MB")
+    if mem.error:
+        _note(f"memory FAILED: {mem.error}")
+    return Probes(found, mem)
+
+
+def _meta(
+    args: argparse.Namespace,
+    mode: str,
+    reps: int,
+    timing: Timing,
+    started: tuple[float, datetime, tuple[float, float, float]],
+    server: dict[str, Any],
+) -> dict[str, Any]:
+    clock, started_at, load_before = started
+    return {
+        "mode": mode,
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "elapsed_s": round(time.monotonic() - clock, 1),
+        "reps": reps,
+        "timing": {
+            "warmup_s": timing.warmup,
+            "duration_s": timing.duration,
+            "slices": timing.slices,
+            "slice_warmup_s": timing.slice_warmup,
+        },
+        "seed": args.seed,
+        "max_other_load": args.max_other_load,
+        "retries": args.retries,
+        "order": "per cell and kind: shuffled, then rotated by one place"
+        " per round and per slice",
+        "starved_below": f"{STARVED_FRACTION:.0%} of the mean per-worker count",
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "versions": _versions(),
+        "server": server,
+    }
+
+
+def _json_path(arg: str, mode: str, started_at: datetime) -> Path:
+    if arg != "auto":
+        return Path(arg)
+    return RESULTS_DIR / f"{mode}-{started_at.strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def _warn(samples: Sequence[Sample], limit: float) -> None:
+    disturbed = [s for s in samples if s.cores and others_load(s.cores) > limit]
+    if disturbed:
+        print(
+            f"\nwarning: in {len(disturbed)} of {len(samples)} samples, other"
+            f" processes kept more than {limit:g} cores busy on average",
+        )
+    for s in samples:
+        if s.error:
+            print(
+                f"\n=== FAILED: {s.cell} {s.impl} round {s.rep + 1} ===\n{s.error}",
+                file=sys.stderr,
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     mode = "quick" if args.quick else "full"
@@ -312,17 +427,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     rounds = list(_plan(cells, impls, reps, random.Random(args.seed)))
-    minutes = sum(_round_seconds(timing, r) for r in rounds) / 60
+    seconds = sum(_round_seconds(timing, r) for r in rounds)
+    seconds += 0 if args.no_probes else PROBES_SECONDS[mode]
     print(
         f"{mode} mode: {len(rounds)} rounds; per implementation and round"
         f" {timing.duration:g} s measured in {timing.slices} slices;"
-        f" about {minutes:.1f} min on a quiet machine",
+        f" about {seconds / 60:.1f} min on a quiet machine",
         file=sys.stderr,
     )
 
-    started = time.monotonic()
-    started_at = datetime.now(UTC)
-    load_before = os.getloadavg()
+    started = (time.monotonic(), datetime.now(UTC), os.getloadavg())
+    probes = Probes()
     with _server(args.dsn) as (dsn, embedded):
         server = _server_info(dsn)
         _check_capacity(server, rounds)
@@ -331,8 +446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             samples = _measure(args, rounds, dsn, timing, server["local_pid"])
         finally:
             drop_tables(dsn)
+        if not args.no_probes:
+            probes = _probe(dsn, impls, mode)
 
     rows = summarize(samples, cells, [impl.name for impl in impls])
+    checks = evaluate(samples, probes.guarantee, probes.memory)
     fancy = args.format == "rich" or (args.format == "auto" and sys.stdout.isatty())
     print(
         f"\npgwarden bench, {mode} mode: {reps} round(s) per cell and kind,"
@@ -343,54 +461,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     render(rows, cells, sys.stdout, fancy=fancy)
     print("\n" + NOTES.format(cpus=cpus, limit=args.max_other_load))
-
-    limit = args.max_other_load
-    disturbed = [s for s in samples if s.cores and others_load(s.cores) > limit]
-    if disturbed:
-        print(
-            f"\nwarning: in {len(disturbed)} of {len(samples)} samples, other"
-            f" processes kept more than {limit:g} cores busy on average",
-        )
-    failures = [s for s in samples if s.error]
-    for s in failures:
-        print(
-            f"\n=== FAILED: {s.cell} {s.impl} round {s.rep + 1} ===\n{s.error}",
-            file=sys.stderr,
-        )
+    _warn(samples, args.max_other_load)
+    if probes.guarantee is not None and probes.memory is not None:
+        print("\n" + "\n".join(guarantee.describe(probes.guarantee)))
+        print("\n" + "\n".join(probes.memory.describe()))
+    render_checks(checks, sys.stdout, fancy=fancy)
+    if mode == "quick":
+        print("(quick mode: one short round per cell; the verdicts are indicative)")
 
     if args.json:
-        if args.json == "auto":
-            stamp = started_at.strftime("%Y%m%d-%H%M%S")
-            path = RESULTS_DIR / f"{mode}-{stamp}.json"
-        else:
-            path = Path(args.json)
-        meta = {
-            "mode": mode,
-            "started_at": started_at.isoformat(timespec="seconds"),
-            "elapsed_s": round(time.monotonic() - started, 1),
-            "reps": reps,
-            "timing": {
-                "warmup_s": timing.warmup,
-                "duration_s": timing.duration,
-                "slices": timing.slices,
-                "slice_warmup_s": timing.slice_warmup,
-            },
-            "seed": args.seed,
-            "max_other_load": args.max_other_load,
-            "retries": args.retries,
-            "order": "per cell and kind: shuffled, then rotated by one place"
-            " per round and per slice",
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "cpu_count": cpus,
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-            "versions": _versions(),
-            "server": server | {"embedded": embedded, "dsn": _safe_dsn(dsn)},
-        }
-        write_json(path, meta, cells, samples, rows)
+        path = _json_path(args.json, mode, started[1])
+        server |= {"embedded": embedded, "dsn": _safe_dsn(dsn)}
+        meta = _meta(args, mode, reps, timing, started, server)
+        extra = {"targets": [dataclasses.asdict(c) for c in checks]}
+        write_json(path, meta, cells, samples, rows, extra | probes.as_json())
         print(f"\nJSON: {path}")
-    return 1 if failures else 0
+    failed = any(s.error for s in samples) or _probe_failed(probes)
+    return 1 if failed else 0
+
+
+def _probe_failed(probes: Probes) -> bool:
+    bad = any(p.error for p in probes.guarantee or ())
+    return bad or bool(probes.memory and probes.memory.error)
 
 
 if __name__ == "__main__":

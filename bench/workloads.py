@@ -4,9 +4,10 @@ A workload is one small function per driver: it gets a borrowed connection
 and a per-worker random generator, does one operation and returns. The
 harness times the borrow around it; the workload never sees the pool.
 
-To add a driver (say asyncpg), write its functions and add them to the
-`sync_ops` / `async_ops` of the workloads it supports; cells whose workload
-has no function for an implementation's driver are skipped for it.
+The drivers are "psycopg" (every psycopg implementation) and "asyncpg". To
+add one, write its functions and add them to the `sync_ops` / `async_ops` of
+the workloads it supports; cells whose workload has no function for an
+implementation's driver are skipped for it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ ACCOUNTS_TABLE = "pgwarden_bench_accounts"
 ACCOUNTS = 1000
 
 _UPDATE = f"UPDATE {ACCOUNTS_TABLE} SET balance = balance + 1 WHERE id = %s"
+_UPDATE_DOLLAR = _UPDATE.replace("%s", "$1")  # asyncpg's placeholders
 
 
 @dataclass(frozen=True)
@@ -104,23 +106,35 @@ async def _atransfer(conn: psycopg.AsyncConnection[Any], rng: random.Random) -> 
         await conn.execute(_UPDATE, (rng.randint(1, ACCOUNTS),))
 
 
+# -- asyncpg (its own protocol: autocommit unless in a transaction block) -----
+
+
+async def _pg_select1(conn: Any, rng: random.Random) -> None:
+    await conn.fetchval("SELECT 1")
+
+
+async def _pg_transfer(conn: Any, rng: random.Random) -> None:
+    async with conn.transaction():  # BEGIN ... COMMIT
+        await conn.execute(_UPDATE_DOLLAR, rng.randint(1, ACCOUNTS))
+
+
 ACQUIRE = Workload(
     "acquire",
     "borrow a connection and give it back, no query",
     {"psycopg": _nothing},
-    {"psycopg": _anothing},
+    {"psycopg": _anothing, "asyncpg": _anothing},
 )
 SELECT1 = Workload(
     "select1",
     "SELECT 1 (an implicit transaction, committed when the block ends)",
     {"psycopg": _select1},
-    {"psycopg": _aselect1},
+    {"psycopg": _aselect1, "asyncpg": _pg_select1},
 )
 TRANSACTION = Workload(
     "transaction",
     f"BEGIN; UPDATE one random row of {ACCOUNTS}; COMMIT",
     {"psycopg": _transfer},
-    {"psycopg": _atransfer},
+    {"psycopg": _atransfer, "asyncpg": _pg_transfer},
 )
 
 CELLS: tuple[Cell, ...] = (
