@@ -6,7 +6,6 @@ and `ENV_VARS`, the environment variable of each `PoolConfig` field.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -18,7 +17,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
-from dotenv import dotenv_values
 from psycopg.conninfo import make_conninfo
 
 from pgwarden._conninfo import conninfo_problem, mask_conninfo, with_session
@@ -327,9 +325,11 @@ def _validate(raw: Mapping[str, Any], sources: Mapping[str, str]) -> dict[str, A
 
 
 def _unknown_setting(name: str) -> ConfigError:
+    from difflib import get_close_matches  # rare: not worth importing up front
+
     by_variable = {var.lower(): field for field, var in ENV_VARS.items()}
     guess = by_variable.get(name.lower()) or next(
-        iter(difflib.get_close_matches(name, _FIELD_NAMES, n=1)), None
+        iter(get_close_matches(name, _FIELD_NAMES, n=1)), None
     )
     if guess:
         return ConfigError(f"unknown setting {name!r} (did you mean {guess!r}?)")
@@ -358,6 +358,8 @@ def read_environment(
 def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
     if path is None or not Path(path).is_file():
         return {}
+    from dotenv import dotenv_values  # only when there is a .env file
+
     values = dotenv_values(path, encoding="utf-8")
     return {key: value for key, value in values.items() if value}
 

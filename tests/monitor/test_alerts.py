@@ -27,8 +27,8 @@ from pgwarden.monitor.alerts import (
     EventKind,
     LogSink,
     Severity,
-    WebhookSink,
 )
+from pgwarden.monitor.webhook import WebhookSink
 from tests._util import wait_until
 
 FIRED, REPEATED, RESOLVED = EventKind.FIRED, EventKind.REPEATED, EventKind.RESOLVED

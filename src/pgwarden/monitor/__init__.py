@@ -13,7 +13,6 @@ from .alerts import (
     EventKind,
     LogSink,
     Severity,
-    WebhookSink,
 )
 from .monitor import HealthMonitor
 from .report import HealthReport, PoolReport
@@ -51,3 +50,12 @@ __all__ = [
     "preview",
     "take_snapshot",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # WebhookSink brings in the standard library's HTTP client: load it on use.
+    if name == "WebhookSink":
+        from .webhook import WebhookSink
+
+        return WebhookSink
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,7 @@ from .._conninfo import redact, secrets_of, with_session
 from ..config import PoolConfig
 from ..pool.stats import ConnectionInfo, PoolStats
 from . import rules
-from .alerts import AlertEvent, AlertManager, LogSink, WebhookSink
+from .alerts import AlertEvent, AlertManager, LogSink
 from .report import HealthReport, PoolReport
 from .settings import MonitorSettings
 from .snapshot import Attribution, ServerSnapshot, take_snapshot
@@ -84,8 +84,10 @@ class HealthMonitor:
         self.pools = list(pools)
         self._clock = clock or _utcnow
         all_sinks: list[Callable[[AlertEvent], object]] = [LogSink(), *sinks]
-        self._webhook: WebhookSink | None = None
+        self._webhook: Any = None
         if self.settings.alert_webhook_url:
+            from .webhook import WebhookSink  # brings in an HTTP client: on demand
+
             self._webhook = WebhookSink(self.settings.alert_webhook_url)
             all_sinks.append(self._webhook)
         self.alerts = AlertManager(
