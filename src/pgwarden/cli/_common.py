@@ -21,6 +21,7 @@ __all__ = [
     "connect",
     "dsn_option",
     "duration",
+    "duration_text",
     "echo_json",
     "human_duration",
     "json_option",
@@ -147,3 +148,12 @@ def confirmed(question: str) -> bool:
     except click.Abort:  # end of input, or Ctrl-C at the prompt
         click.echo(err=True)
         return False
+
+
+def duration_text(seconds: float) -> str:
+    """A short wait: ``0 ms``, ``0.4 ms``, ``12 ms``, ``1.25 s``."""
+    if seconds >= 1.0:
+        return f"{seconds:.2f} s"
+    if seconds == 0.0 or seconds >= 0.01:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds * 1000:.1f} ms"

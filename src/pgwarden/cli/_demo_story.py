@@ -30,7 +30,7 @@ from pgwarden.config import PoolConfig
 from pgwarden.pool import Pool, PooledConnection, PoolStats
 
 from . import _sms_platform as sms
-from ._format import duration_text
+from ._common import duration_text
 from ._group import one_line
 from ._sms_platform import DemoError, Operation, Tables
 

@@ -10,7 +10,7 @@ from rich.text import Text
 
 from pgwarden.pool import LaneStats, PoolStats
 
-from ._format import duration_text
+from ._common import duration_text
 
 __all__ = ["shown_lanes", "stats_line", "stats_view"]
 

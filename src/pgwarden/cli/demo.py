@@ -24,6 +24,7 @@ from rich.text import Text
 
 from pgwarden.embedded import EmbeddedPostgres, EmbeddedUnavailable
 
+from ._common import duration_text
 from ._demo_story import (
     DEFAULT_DURATION,
     MIN_DURATION,
@@ -31,7 +32,6 @@ from ._demo_story import (
     Tick,
     run_demo,
 )
-from ._format import duration_text
 from ._group import CliError, one_line
 from ._stats_view import stats_line, stats_view
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Callable, Coroutine
 from time import monotonic
 from typing import TYPE_CHECKING, Any
@@ -187,13 +186,6 @@ def gather(registry: set[Any], timeout: float) -> None:
                 logger.warning("background thread %r did not stop in time", t.name)
             return
         threads[0].join(remaining)
-
-
-async def asleep(seconds: float) -> None:
-    await asyncio.sleep(seconds)
-
-
-sleep = time.sleep
 
 
 def acurrent_holder() -> Any:

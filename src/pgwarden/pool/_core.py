@@ -154,14 +154,13 @@ class Lane:
 class Actions:
     """I/O the shell must do after a maintenance step, outside the lock."""
 
-    __slots__ = ("check", "close", "connects", "leaks", "wake")
+    __slots__ = ("check", "close", "connects", "leaks")
 
     def __init__(self) -> None:
         self.close: list[tuple[Entry, str]] = []  # entry, reason
         self.check: list[Entry] = []  # idle entries to validate
         self.connects = 0  # new connections to start opening
         self.leaks: list[Entry] = []  # entries held past the leak threshold
-        self.wake: list[Waiter] = []  # waiters served by this step
 
 
 class PoolCore:
@@ -249,9 +248,6 @@ class PoolCore:
         return lane.in_use < lane.limit and (
             lane.in_use < lane.reserved or self.committed < self.max_size
         )
-
-    def lane(self, name: str | None) -> Lane | None:
-        return self.default_lane if name is None else self.lanes.get(name)
 
     # -- borrowing ----------------------------------------------------------
 
