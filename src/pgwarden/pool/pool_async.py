@@ -79,6 +79,9 @@ class AsyncPool:
         self._core = _new_core(cfg)
         self._lock = Lock()
         self._ref = weakref.ref(self)
+        # Handles on loan by id(): a handle stays alive (its entry holds it)
+        # while on loan, so its id can't be reused meanwhile.
+        self._on_loan: dict[int, Entry] = {}
         _pools.add(self)
         # Tests freeze races at named hand-off points ("validate", "rollback",
         # "connect", "assign"): name -> callable(entry), awaited if it returns
@@ -248,6 +251,7 @@ class AsyncPool:
         self._core = _new_core(self.config)
         self._lock = Lock()
         self._tasks = set()
+        self._on_loan = {}
         self._wakeup = self._ready = self._drained = None
 
     # -- borrowing ----------------------------------------------------------
@@ -503,6 +507,7 @@ class AsyncPool:
         handle: AsyncPooledConnection = entry.handle
         handle.__dict__ = entry.conn.__dict__
         handle._pgw_entry = entry
+        self._on_loan[id(handle)] = entry
         frame = sys._getframe(depth)
         entry.site = (frame.f_code, frame.f_lineno)
         entry.holder = acurrent_holder()
@@ -511,20 +516,22 @@ class AsyncPool:
     # -- giving back --------------------------------------------------------
 
     def _detach(self, handle: AsyncPooledConnection) -> Entry:
-        """Take the entry out of a handle and make the handle unusable."""
-        try:
-            entry = handle._pgw_entry
-        except AttributeError:
-            entry = None
+        """Take the entry out of a handle and make the handle unusable.
+
+        Claiming the loan is one `dict.pop`, atomic: of two threads giving
+        the same connection back at once, exactly one gets it.
+        """
+        entry = self._on_loan.pop(id(handle), None)
         if entry is None:
+            pool = getattr(handle, "__dict__", {}).get("_pool")
+            if pool is not None and pool is not self._ref:
+                raise ConnectionReturned(
+                    f"can't give a connection back to pool {self.name!r}:"
+                    " it comes from another pool"
+                )
             raise ConnectionReturned(
                 f"can't give {handle!r} back to pool {self.name!r}: it is not on"
                 " loan (already given back, or not from a pgwarden pool)"
-            )
-        if handle.__dict__.get("_pool") is not self._ref:
-            raise ConnectionReturned(
-                f"can't give a connection back to pool {self.name!r}:"
-                " it comes from another pool"
             )
         handle._pgw_entry = None
         handle.__dict__ = {}
@@ -721,6 +728,7 @@ class AsyncPool:
             served = []
             for entry in reclaimed:
                 core.reclaimed_total += 1
+                self._on_loan.pop(id(entry.handle), None)
                 served.append(core.discard(entry, "reclaimed", now))
             act = core.maintain(now)
             self._start_connects(act.connects)
