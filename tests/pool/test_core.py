@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -91,6 +92,50 @@ def test_expired_connection_is_not_handed_out() -> None:
     assert core.try_acquire(core.default_lane, 10.0) is None
     assert core.pop_to_close() == [(entry, "max_lifetime")]
     assert core.evictions_total == 1
+
+
+def _idle_core(n: int, now: float) -> tuple[PoolCore, list[Entry]]:
+    core = make_core(min_size=0, max_size=n + 1)
+    entries = []
+    for pid in range(n):
+        core.entries.add(e := core.new_entry(object(), pid, now))
+        core.idle.append(e)
+        entries.append(e)
+    return core, entries
+
+
+def test_a_busy_caller_cycles_over_rotation_plus_one_connections() -> None:
+    core, _ = _idle_core(5, 0.0)
+    lane = core.default_lane
+    used = []
+    now = 0.0
+    for _ in range(30):
+        now += 0.001
+        entry = core.try_acquire(lane, now)
+        assert entry is not None
+        used.append(entry.pid)
+        core.release(entry, now, True)
+    # Never the one just given back: a cycle over ROTATION connections.
+    assert all(a != b for a, b in pairwise(used))
+    assert len(set(used)) == _core.ROTATION
+    # The connections deeper in the stack were left alone: they can idle out.
+    assert {0, 1} <= {e.pid for e in core.idle[: -_core.ROTATION]}
+
+
+def test_a_slow_caller_gets_the_most_recent_connection() -> None:
+    window = _core.ALIVE_BYPASS_WINDOW
+    core, entries = _idle_core(3, 0.0)
+    lane = core.default_lane
+    now = window * 2  # all of them need a validation query: take the newest
+    entry = core.try_acquire(lane, now)
+    assert entry is entries[-1]
+    core.release(entry, now, True)
+    # Borrows too far apart for a cycle to stay within the window: the newest,
+    # the only one needing no query, is taken again and again.
+    for _ in range(3):
+        now += window * 0.9
+        assert core.try_acquire(lane, now) is entries[-1]
+        core.release(entries[-1], now, True)
 
 
 def test_lifetime_jitter_shortens_by_at_most_five_percent() -> None:

@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any
 
 import psycopg
@@ -131,6 +132,17 @@ def test_idle_connections_closed_down_to_min_size(dsn: str, admin: Any) -> None:
         wait_until(lambda: pool.stats().size == 1, message="shrink to min_size")
         wait_until(lambda: len(backend_pids(admin, app)) == 1)
         assert pool.stats().evictions_total == 3
+
+
+def test_a_busy_caller_rotates_over_two_connections(dsn: str) -> None:
+    with small_pool(dsn, min_size=4, max_size=4) as pool:
+        pool.wait()
+        pids = []
+        for _ in range(12):
+            with pool.connection() as conn:
+                pids.append(query_pid(conn))
+        assert all(a != b for a, b in pairwise(pids))
+        assert len(set(pids[2:])) == 2  # two of four: the others can idle out
 
 
 def test_borrows_are_served_first_come_first_served(dsn: str) -> None:

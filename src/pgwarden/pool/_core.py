@@ -37,6 +37,18 @@ pool_numbers = itertools.count(1)
 # on top of the cheap liveness test (HikariCP's "alive bypass window").
 ALIVE_BYPASS_WINDOW = 0.5
 
+# Which idle connection a borrow takes. A caller borrowing again and again
+# cycles over ROTATION connections (it takes the ROTATION-th most recently
+# given back): while one backend finishes up after its reply (freeing memory,
+# flushing statistics), the next query already runs on another. One worker
+# doing SELECT 1 gets about 1.35x the throughput of a single connection on
+# 2 cores (bench/). The pool rotates only if the connection it would take
+# needs no validation query, or if borrows come fast enough to keep the whole
+# cycle within ALIVE_BYPASS_WINDOW; otherwise it takes the most recent.
+# Connections deeper in the stack are never taken, so those a burst left
+# behind still reach idle_timeout.
+ROTATION = 2
+
 # While the server is known to be unreachable, a caller waits at most this long.
 FAST_FAIL_WAIT = 1.0
 
@@ -117,7 +129,7 @@ class Entry:
         self.state = IDLE
         self.lane: Lane | None = None
         self.held_since = 0.0
-        self.site: tuple[Any, int] | None = None  # (code object, line) of the borrower
+        self.site: tuple[Any, int] | None = None  # borrower's (code, f_lasti)
         self.holder: Any = None  # thread ident or asyncio task of the borrower
         self.leak_reported = False
         # The handle lent out last: attached while on loan, kept detached
@@ -198,7 +210,7 @@ class PoolCore:
         self.default_lane = self.lanes[DEFAULT_LANE]
         self.committed = sum(lane.reserved for lane in self.lanes.values())
 
-        self.idle: list[Entry] = []  # a stack: the last one is the most recent
+        self.idle: list[Entry] = []  # the last one is the most recently given back
         self.entries: set[Entry] = set()  # every open connection
         self.opening = 0
         self.busy = 0
@@ -266,7 +278,15 @@ class PoolCore:
         if not owed and self.committed >= self.max_size:
             return None
         while idle:
-            entry = idle.pop()
+            i = len(idle) - 1
+            if i:
+                j = i + 1 - ROTATION if i >= ROTATION else 0
+                if (
+                    now - idle[i].last_ok <= ALIVE_BYPASS_WINDOW / ROTATION
+                    or now - idle[j].last_ok <= ALIVE_BYPASS_WINDOW
+                ):
+                    i = j
+            entry = idle.pop(i)
             if entry.expires_at <= now:
                 self._discard(entry, "max_lifetime")
                 continue

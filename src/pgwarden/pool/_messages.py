@@ -22,7 +22,11 @@ def where(entry: Entry) -> str:
     """`file:line in function` of the code that borrowed `entry`."""
     if entry.site is None:
         return "an unknown place"
-    code, line = entry.site
+    code, offset = entry.site
+    line = next(
+        (n for start, end, n in code.co_lines() if start <= offset < end and n),
+        code.co_firstlineno,
+    )
     filename = code.co_filename
     try:
         rel = os.path.relpath(filename)

@@ -311,35 +311,59 @@ class AsyncPool:
                     " asyncio pool only serves the loop it was opened in"
                 )
         now = started = monotonic()
-        if timeout is None:
-            timeout = self.config.connection_timeout
+        lock = self._lock
         while True:
-            with self._lock:
+            # Not `with lock`: acquire() and release() cost half as much.
+            lock.acquire()
+            try:
                 entry = core.try_acquire(lane, now)
-                waiter = (
-                    None
-                    if entry
-                    else self._enqueue(lane, now, started + timeout, started)
-                )
+                if entry is None:
+                    if timeout is None:
+                        timeout = self.config.connection_timeout
+                    waiter = self._enqueue(lane, now, started + timeout, started)
                 if core._to_close:
                     self._after_change_locked()
-            if waiter is not None:
+            finally:
+                lock.release()
+            if entry is None:
                 entry = await self._wait_for(waiter)
-            assert entry is not None
             if not self._test_on_borrow:
                 break
-            if self._alive(entry):
+            # self._alive(entry), inlined: this is the hot path.
+            pgconn = entry.conn.pgconn
+            try:
+                pgconn.consume_input()
+                pgconn.is_busy()  # parses what came; a FATAL notice dooms the entry
+                alive = pgconn.status == _OK and not entry.doomed
+            except psycopg.OperationalError:
+                alive = False
+            if alive:
                 # Recently used and not suspect: the liveness test is enough.
                 last_ok = entry.last_ok
                 bypass = _core.ALIVE_BYPASS_WINDOW  # a module global: tests patch it
                 if now - last_ok <= bypass and last_ok > core.suspect_before:
                     break
+                if timeout is None:
+                    timeout = self.config.connection_timeout
                 if await self._validate_borrowed(entry, started + timeout):
                     break
             else:
                 self._drop(entry, "dead")
             now = monotonic()
-        return self._lend(entry, depth + 1)
+        # The handle: the connection's last one is reused when only the entry
+        # still refers to it (nobody kept the stale one), saving an allocation.
+        handle: AsyncPooledConnection = entry.handle
+        if getrefcount(handle) > 3:  # held elsewhere (or None)
+            handle = object.__new__(AsyncPooledConnection)
+            handle._pgw_entry = None  # readable at once by the maintenance
+            entry.handle = handle
+        handle.__dict__ = entry.conn.__dict__
+        handle._pgw_entry = entry
+        self._on_loan[id(handle)] = entry
+        frame = sys._getframe(depth)
+        entry.site = (frame.f_code, frame.f_lasti)  # the line is found when needed
+        entry.holder = acurrent_holder()
+        return handle
 
     def _enqueue(
         self, lane: Lane, now: float, deadline: float, started: float
@@ -494,25 +518,6 @@ class AsyncPool:
         if waiter is not None:
             waiter.wake()
 
-    def _lend(self, entry: Entry, depth: int) -> AsyncPooledConnection:
-        """Make the handle the borrower gets.
-
-        The last handle of this connection is reused when only the entry
-        still refers to it (nobody kept the stale one): no allocation.
-        """
-        if getrefcount(entry.handle) > 2:  # held elsewhere, or None
-            new = object.__new__(AsyncPooledConnection)
-            new._pgw_entry = None  # readable at once by the maintenance
-            entry.handle = new
-        handle: AsyncPooledConnection = entry.handle
-        handle.__dict__ = entry.conn.__dict__
-        handle._pgw_entry = entry
-        self._on_loan[id(handle)] = entry
-        frame = sys._getframe(depth)
-        entry.site = (frame.f_code, frame.f_lineno)
-        entry.holder = acurrent_holder()
-        return handle
-
     # -- giving back --------------------------------------------------------
 
     def _detach(self, handle: AsyncPooledConnection) -> Entry:
@@ -523,19 +528,22 @@ class AsyncPool:
         """
         entry = self._on_loan.pop(id(handle), None)
         if entry is None:
-            pool = getattr(handle, "__dict__", {}).get("_pool")
-            if pool is not None and pool is not self._ref:
-                raise ConnectionReturned(
-                    f"can't give a connection back to pool {self.name!r}:"
-                    " it comes from another pool"
-                )
-            raise ConnectionReturned(
-                f"can't give {handle!r} back to pool {self.name!r}: it is not on"
-                " loan (already given back, or not from a pgwarden pool)"
-            )
+            raise self._not_on_loan(handle)
         handle._pgw_entry = None
         handle.__dict__ = {}
         return entry
+
+    def _not_on_loan(self, handle: AsyncPooledConnection) -> ConnectionReturned:
+        pool = getattr(handle, "__dict__", {}).get("_pool")
+        if pool is not None and pool is not self._ref:
+            return ConnectionReturned(
+                f"can't give a connection back to pool {self.name!r}:"
+                " it comes from another pool"
+            )
+        return ConnectionReturned(
+            f"can't give {handle!r} back to pool {self.name!r}: it is not on"
+            " loan (already given back, or not from a pgwarden pool)"
+        )
 
     async def _give_back(self, entry: Entry, warn: bool) -> None:
         """Reset a connection that came back, then release it (always).
@@ -608,12 +616,16 @@ class AsyncPool:
     def _release(self, entry: Entry, reusable: bool) -> None:
         """Hand a returned connection to the next waiter or the idle stack."""
         now = monotonic()
-        with self._lock:
-            core = self._core
+        core = self._core
+        lock = self._lock
+        lock.acquire()
+        try:
             waiter = core.release(entry, now, reusable)
             if core._to_close:
                 self._after_change_locked()
             drained = core.closed and not core.busy
+        finally:
+            lock.release()
         if waiter is not None:
             if self._seams:
                 self._at_seam_now("assign", entry)
