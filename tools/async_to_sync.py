@@ -41,6 +41,7 @@ SOURCES = {
 # Whole-word renames, applied in order.
 NAMES = {
     "AsyncPooledConnection": "PooledConnection",
+    "AsyncReturnedConnection": "ReturnedConnection",
     "_AsyncConnectionBlock": "_ConnectionBlock",
     "AsyncConnection": "Connection",
     "AsyncCursor": "Cursor",
