@@ -775,17 +775,19 @@ class _ConnectionBlock:
         self._conn = None
         pool = self._pool
         entry = pool._detach(conn)
-        status = entry.conn.pgconn.transaction_status
-        if status == _IDLE and not pool._reset_query:  # the common case, inlined
-            entry.conn._pgw_restore()
-            pool._release(entry, True)
-            return
+        pgconn = entry.conn.pgconn
+        status = pgconn.transaction_status
         if exc_type is None and status == _INTRANS:
             try:
                 entry.conn.commit()
             except BaseException:
                 pool._give_back(entry, warn=False)
                 raise
+            status = pgconn.transaction_status
+        if status == _IDLE and not pool._reset_query:  # the common case, inlined
+            entry.conn._pgw_restore()
+            pool._release(entry, True)
+            return
         pool._give_back(entry, warn=False)
 
 
