@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -226,6 +227,10 @@ class Memory:
 
 
 def _run_child(variant: str, dsn: str) -> dict[str, int]:
+    # Bytecode caches are written (as an installed package has them): with
+    # PYTHONDONTWRITEBYTECODE set, every child would compile pgwarden from
+    # source, and the compiler's peak would count as pgwarden's (2 MB more).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", variant],
         input=dsn,
@@ -234,6 +239,7 @@ def _run_child(variant: str, dsn: str) -> dict[str, int]:
         timeout=_TIMEOUT,
         check=False,
         cwd=Path(__file__).resolve().parent,  # no .env from the project root
+        env=env,
     )
     if done.returncode:
         raise RuntimeError(f"{variant}: exit {done.returncode}\n{done.stderr}")
