@@ -122,6 +122,14 @@ def test_a_busy_caller_cycles_over_rotation_plus_one_connections() -> None:
     assert {0, 1} <= {e.pid for e in core.idle[: -_core.ROTATION]}
 
 
+def test_rotation_one_is_a_stack() -> None:
+    core, entries = _idle_core(3, 0.0)
+    core.rotation = 1
+    for now in (0.001, 0.002, 0.003):
+        assert core.try_acquire(core.default_lane, now) is entries[-1]
+        core.release(entries[-1], now, True)
+
+
 def test_a_slow_caller_gets_the_most_recent_connection() -> None:
     window = _core.ALIVE_BYPASS_WINDOW
     core, entries = _idle_core(3, 0.0)

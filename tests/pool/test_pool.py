@@ -134,15 +134,16 @@ def test_idle_connections_closed_down_to_min_size(dsn: str, admin: Any) -> None:
         assert pool.stats().evictions_total == 3
 
 
-def test_a_busy_caller_rotates_over_two_connections(dsn: str) -> None:
+def test_which_idle_connection_a_busy_caller_gets(dsn: str) -> None:
     with small_pool(dsn, min_size=4, max_size=4) as pool:
         pool.wait()
         pids = []
         for _ in range(12):
             with pool.connection() as conn:
                 pids.append(query_pid(conn))
+        # It alternates between two of four: the others can idle out.
         assert all(a != b for a, b in pairwise(pids))
-        assert len(set(pids[2:])) == 2  # two of four: the others can idle out
+        assert len(set(pids[2:])) == 2
 
 
 def test_borrows_are_served_first_come_first_served(dsn: str) -> None:

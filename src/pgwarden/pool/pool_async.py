@@ -98,6 +98,7 @@ class AsyncPool:
         self._reopen_after_fork = False
         if True:  # ASYNC
             self._loop: asyncio.AbstractEventLoop | None = None
+            self._core.rotation = 1  # a stack: see _core.ROTATION
         self._tasks: set[Any] = set()
         self._wakeup: AEvent | None = None  # nudges the maintenance loop
         self._ready: AEvent | None = None  # set once min_size connections are open
