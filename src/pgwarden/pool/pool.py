@@ -81,9 +81,6 @@ class Pool:
         self._core = _new_core(cfg)
         self._lock = Lock()
         self._ref = weakref.ref(self)
-        # Handles on loan by id(): a handle stays alive (its entry holds it)
-        # while on loan, so its id can't be reused meanwhile.
-        self._on_loan: dict[int, Entry] = {}
         _pools.add(self)
         # Tests freeze races at named hand-off points ("validate", "rollback",
         # "connect", "assign"): name -> callable(entry), awaited if it returns
@@ -249,7 +246,6 @@ class Pool:
         self._core = _new_core(self.config)
         self._lock = Lock()
         self._tasks = set()
-        self._on_loan = {}
         self._wakeup = self._ready = self._drained = None
 
     # -- borrowing ----------------------------------------------------------
@@ -352,8 +348,7 @@ class Pool:
         else:
             handle.__class__ = PooledConnection
         handle.__dict__ = entry.conn.__dict__
-        handle._pgw_entry = entry
-        self._on_loan[id(handle)] = entry
+        handle._pgw_entry = entry  # the loan: claimed back under the lock
         frame = sys._getframe(depth)
         entry.site = (frame.f_code, frame.f_lasti)  # the line is found when needed
         entry.holder = current_holder()
@@ -491,12 +486,23 @@ class Pool:
     # -- giving back --------------------------------------------------------
 
     def _detach(self, handle: PooledConnection) -> Entry:
-        """Take the entry out of a handle and make the handle unusable.
+        """Take the entry out of a handle and make the handle unusable."""
+        if (
+            not isinstance(handle, PooledConnection)
+            or handle.__dict__.get("_pool") is not self._ref
+        ):
+            raise self._not_on_loan(handle)
+        lock = self._lock
+        lock.acquire()
+        try:
+            return self._claim(handle)
+        finally:
+            lock.release()
 
-        Claiming the loan is one `dict.pop`, atomic: of two threads giving
-        the same connection back at once, exactly one gets it.
-        """
-        entry = self._on_loan.pop(id(handle), None)
+    def _claim(self, handle: PooledConnection) -> Entry:
+        """`_detach()` for a handle of this pool, under the lock: of two
+        threads giving the same connection back at once, exactly one gets it."""
+        entry = handle._pgw_entry
         if entry is None:
             raise self._not_on_loan(handle)
         handle._pgw_entry = None
@@ -504,7 +510,7 @@ class Pool:
         handle.__class__ = ReturnedConnection
         return entry
 
-    def _not_on_loan(self, handle: PooledConnection) -> ConnectionReturned:
+    def _not_on_loan(self, handle: Any) -> ConnectionReturned:
         pool = getattr(handle, "__dict__", {}).get("_pool")
         if pool is not None and pool is not self._ref:
             return ConnectionReturned(
@@ -584,13 +590,27 @@ class Pool:
             conn._pgw_timeout = self._query_timeout
         return bool(conn.pgconn.transaction_status == _IDLE)
 
-    def _release(self, entry: Entry, reusable: bool) -> None:
-        """Hand a returned connection to the next waiter or the idle stack."""
+    def _release(
+        self,
+        entry: Entry | None,
+        reusable: bool,
+        handle: PooledConnection | None = None,
+    ) -> None:
+        """Hand a returned connection to the next waiter or the idle stack.
+
+        Given `handle` instead of `entry` (a handle still on loan, its
+        connection idle), first claim the loan and undo the client-side
+        changes, under the same lock: the common give-back in one step.
+        """
         now = monotonic()
         core = self._core
         lock = self._lock
         lock.acquire()
         try:
+            if entry is None:
+                assert handle is not None
+                entry = self._claim(handle)
+                entry.conn._pgw_restore()
             waiter = core.release(entry, now, reusable)
             if core._to_close:
                 self._after_change_locked()
@@ -707,7 +727,7 @@ class Pool:
             served = []
             for entry in reclaimed:
                 core.reclaimed_total += 1
-                self._on_loan.pop(id(entry.handle), None)
+                entry.handle._pgw_entry = None
                 served.append(core.discard(entry, "reclaimed", now))
             act = core.maintain(now)
             self._start_connects(act.connects)
@@ -774,21 +794,20 @@ class _ConnectionBlock:
         assert conn is not None
         self._conn = None
         pool = self._pool
-        entry = pool._detach(conn)
-        pgconn = entry.conn.pgconn
-        status = pgconn.transaction_status
-        if exc_type is None and status == _INTRANS:
-            try:
-                entry.conn.commit()
-            except BaseException:
-                pool._give_back(entry, warn=False)
-                raise
-            status = pgconn.transaction_status
-        if status == _IDLE and not pool._reset_query:  # the common case, inlined
-            entry.conn._pgw_restore()
-            pool._release(entry, True)
-            return
-        pool._give_back(entry, warn=False)
+        entry = conn._pgw_entry
+        if entry is not None:  # still on loan (claimed below, under the lock)
+            status = entry.conn.pgconn.transaction_status
+            if exc_type is None and status == _INTRANS:
+                try:
+                    conn.commit()
+                except BaseException:
+                    pool._give_back(pool._detach(conn), warn=False)
+                    raise
+                status = entry.conn.pgconn.transaction_status
+            if status == _IDLE and not pool._reset_query:  # the common case
+                pool._release(None, True, conn)
+                return
+        pool._give_back(pool._detach(conn), warn=False)
 
 
 # A server that answers a connection with these is there, but not serving yet.

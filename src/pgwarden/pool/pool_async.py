@@ -83,9 +83,6 @@ class AsyncPool:
         self._core = _new_core(cfg)
         self._lock = Lock()
         self._ref = weakref.ref(self)
-        # Handles on loan by id(): a handle stays alive (its entry holds it)
-        # while on loan, so its id can't be reused meanwhile.
-        self._on_loan: dict[int, Entry] = {}
         _pools.add(self)
         # Tests freeze races at named hand-off points ("validate", "rollback",
         # "connect", "assign"): name -> callable(entry), awaited if it returns
@@ -256,7 +253,6 @@ class AsyncPool:
         self._core = _new_core(self.config)
         self._lock = Lock()
         self._tasks = set()
-        self._on_loan = {}
         self._wakeup = self._ready = self._drained = None
 
     # -- borrowing ----------------------------------------------------------
@@ -365,8 +361,7 @@ class AsyncPool:
         else:
             handle.__class__ = AsyncPooledConnection
         handle.__dict__ = entry.conn.__dict__
-        handle._pgw_entry = entry
-        self._on_loan[id(handle)] = entry
+        handle._pgw_entry = entry  # the loan: claimed back under the lock
         frame = sys._getframe(depth)
         entry.site = (frame.f_code, frame.f_lasti)  # the line is found when needed
         entry.holder = acurrent_holder()
@@ -528,12 +523,23 @@ class AsyncPool:
     # -- giving back --------------------------------------------------------
 
     def _detach(self, handle: AsyncPooledConnection) -> Entry:
-        """Take the entry out of a handle and make the handle unusable.
+        """Take the entry out of a handle and make the handle unusable."""
+        if (
+            not isinstance(handle, AsyncPooledConnection)
+            or handle.__dict__.get("_pool") is not self._ref
+        ):
+            raise self._not_on_loan(handle)
+        lock = self._lock
+        lock.acquire()
+        try:
+            return self._claim(handle)
+        finally:
+            lock.release()
 
-        Claiming the loan is one `dict.pop`, atomic: of two threads giving
-        the same connection back at once, exactly one gets it.
-        """
-        entry = self._on_loan.pop(id(handle), None)
+    def _claim(self, handle: AsyncPooledConnection) -> Entry:
+        """`_detach()` for a handle of this pool, under the lock: of two
+        threads giving the same connection back at once, exactly one gets it."""
+        entry = handle._pgw_entry
         if entry is None:
             raise self._not_on_loan(handle)
         handle._pgw_entry = None
@@ -541,7 +547,7 @@ class AsyncPool:
         handle.__class__ = AsyncReturnedConnection
         return entry
 
-    def _not_on_loan(self, handle: AsyncPooledConnection) -> ConnectionReturned:
+    def _not_on_loan(self, handle: Any) -> ConnectionReturned:
         pool = getattr(handle, "__dict__", {}).get("_pool")
         if pool is not None and pool is not self._ref:
             return ConnectionReturned(
@@ -621,13 +627,27 @@ class AsyncPool:
             conn._pgw_timeout = self._query_timeout
         return bool(conn.pgconn.transaction_status == _IDLE)
 
-    def _release(self, entry: Entry, reusable: bool) -> None:
-        """Hand a returned connection to the next waiter or the idle stack."""
+    def _release(
+        self,
+        entry: Entry | None,
+        reusable: bool,
+        handle: AsyncPooledConnection | None = None,
+    ) -> None:
+        """Hand a returned connection to the next waiter or the idle stack.
+
+        Given `handle` instead of `entry` (a handle still on loan, its
+        connection idle), first claim the loan and undo the client-side
+        changes, under the same lock: the common give-back in one step.
+        """
         now = monotonic()
         core = self._core
         lock = self._lock
         lock.acquire()
         try:
+            if entry is None:
+                assert handle is not None
+                entry = self._claim(handle)
+                entry.conn._pgw_restore()
             waiter = core.release(entry, now, reusable)
             if core._to_close:
                 self._after_change_locked()
@@ -753,7 +773,7 @@ class AsyncPool:
             served = []
             for entry in reclaimed:
                 core.reclaimed_total += 1
-                self._on_loan.pop(id(entry.handle), None)
+                entry.handle._pgw_entry = None
                 served.append(core.discard(entry, "reclaimed", now))
             act = core.maintain(now)
             self._start_connects(act.connects)
@@ -822,21 +842,20 @@ class _AsyncConnectionBlock:
         assert conn is not None
         self._conn = None
         pool = self._pool
-        entry = pool._detach(conn)
-        pgconn = entry.conn.pgconn
-        status = pgconn.transaction_status
-        if exc_type is None and status == _INTRANS:
-            try:
-                await entry.conn.commit()
-            except BaseException:
-                await pool._give_back(entry, warn=False)
-                raise
-            status = pgconn.transaction_status
-        if status == _IDLE and not pool._reset_query:  # the common case, inlined
-            entry.conn._pgw_restore()
-            pool._release(entry, True)
-            return
-        await pool._give_back(entry, warn=False)
+        entry = conn._pgw_entry
+        if entry is not None:  # still on loan (claimed below, under the lock)
+            status = entry.conn.pgconn.transaction_status
+            if exc_type is None and status == _INTRANS:
+                try:
+                    await conn.commit()
+                except BaseException:
+                    await pool._give_back(pool._detach(conn), warn=False)
+                    raise
+                status = entry.conn.pgconn.transaction_status
+            if status == _IDLE and not pool._reset_query:  # the common case
+                pool._release(None, True, conn)
+                return
+        await pool._give_back(pool._detach(conn), warn=False)
 
 
 # A server that answers a connection with these is there, but not serving yet.
