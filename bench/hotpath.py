@@ -1,6 +1,6 @@
 """What one borrow and return costs, piece by piece, in a thread pool.
 
-    python bench/hotpath.py [--n 100000]
+    python bench/hotpath.py [--n 100000] [--profile]
 
 Times `with pool.connection(): pass` with the defaults (validation on borrow and
 leak detection on), then each piece of that path on its own: the liveness test,
@@ -8,7 +8,8 @@ the lock, the core's decision, undoing client-side changes; the rest is
 making and detaching the handle (the cost of "a returned handle is dead") and
 the calls between. Then the same
 borrow with validation off and with leak detection off. Best of 5 runs; no
-query is sent. Run from the repository root.
+query is sent. Run from the repository root. `--profile` instead runs the
+borrow under pyinstrument (in the `bench` extra) and prints its call tree.
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ def borrow(pool: Pool) -> Callable[[], None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000)
-    n = parser.parse_args().n
+    parser.add_argument("--profile", action="store_true", help="pyinstrument's tree")
+    args = parser.parse_args()
+    n = args.n
+    if args.profile:
+        profile(n)
+        return
 
     with EmbeddedPostgres() as pg:
         with Pool(pg.dsn(), min_size=4, max_size=4) as pool:
@@ -83,6 +89,20 @@ def main() -> None:
                 pool.wait()
                 took = best_of(borrow(pool), n)
                 print(f"borrow + return, {label:24s} {took:6.2f} µs")
+
+
+def profile(n: int) -> None:
+    """Print pyinstrument's call tree of `n` borrows (sampled every 10 µs)."""
+    from pyinstrument import Profiler
+
+    with EmbeddedPostgres() as pg, Pool(pg.dsn(), min_size=4, max_size=4) as pool:
+        pool.wait()
+        once = borrow(pool)
+        profiler = Profiler(interval=1e-5)
+        with profiler:
+            for _ in range(n):
+                once()
+        print(profiler.output_text(unicode=True, color=False, show_all=True))
 
 
 if __name__ == "__main__":
