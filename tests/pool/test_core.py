@@ -104,7 +104,7 @@ def _idle_core(n: int, now: float) -> tuple[PoolCore, list[Entry]]:
     return core, entries
 
 
-def test_a_busy_caller_cycles_over_rotation_plus_one_connections() -> None:
+def test_a_busy_caller_cycles_over_rotation_connections() -> None:
     core, _ = _idle_core(5, 0.0)
     lane = core.default_lane
     used = []
@@ -120,6 +120,39 @@ def test_a_busy_caller_cycles_over_rotation_plus_one_connections() -> None:
     assert len(set(used)) == _core.ROTATION
     # The connections deeper in the stack were left alone: they can idle out.
     assert {0, 1} <= {e.pid for e in core.idle[: -_core.ROTATION]}
+
+
+def test_short_bursts_pay_no_extra_validation() -> None:
+    window = _core.ALIVE_BYPASS_WINDOW
+    core, _ = _idle_core(4, 0.0)
+    lane = core.default_lane
+    stale_picks = 0
+    now = 0.0
+    for _ in range(8):  # bursts of two borrows, further apart than the window
+        now += window * 1.2
+        for _ in range(2):
+            now += 0.001
+            entry = core.try_acquire(lane, now)
+            assert entry is not None
+            stale_picks += now - entry.last_ok > window  # would need a query
+            entry.last_ok = now  # validated
+            core.release(entry, now, True)
+    assert stale_picks == 8  # one per burst, as a stack would
+
+
+def test_checked_idle_connection_goes_under_the_others() -> None:
+    core, _ = _idle_core(3, 0.0)
+    core.tests_per_eviction_run = 1
+    used = core.try_acquire(core.default_lane, 1.0)
+    assert used is not None
+    core.release(used, 1.0, True)
+    act = core.maintain(10.0)
+    [checked] = act.check
+    core.check_done(checked, 10.0, ok=True)
+    assert core.idle[0] is checked and core.idle[-1] is used
+    # Being checked is not being used: idle_timeout still closes it.
+    core.maintain(core.idle_timeout + 0.5)
+    assert core.entries == {used}
 
 
 def test_rotation_one_is_a_stack() -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pgwarden import Pool
+import psycopg
+
+from pgwarden import ConnectionReturned, Pool
 from tests._util import wait_until
 from tests.pool._helpers import backend_pids, unique_app
 
@@ -51,3 +53,41 @@ def test_child_of_a_closed_pool_gets_pool_closed(dsn: str) -> None:
     pool.open(wait=True)
     pool.close()
     assert "PoolClosed" in run_in_child(pool)
+
+
+def test_child_never_uses_or_gives_back_the_parents_loan(dsn: str, admin: Any) -> None:
+    app = unique_app()
+    with Pool(dsn, min_size=1, max_size=1, application_name=app) as pool:
+        pool.wait(5)
+        read, write = os.pipe()
+        with pool.connection(timeout=5) as conn:
+            parent_pid = conn.info.backend_pid
+            conn.execute("CREATE TEMP TABLE t (x int)")  # an open transaction
+            pid = os.fork()
+            if pid == 0:  # the child leaves the block with the parent's loan
+                report = ""
+                try:
+                    try:
+                        with pool.connection(timeout=5):
+                            pass
+                    except BaseException as ex:
+                        report = f"inner: {ex!r}"
+                    conn.execute("SELECT 1")
+                    report = "used the parent's session"
+                except ConnectionReturned:
+                    report = "refused"
+                except BaseException as ex:
+                    report = f"error: {ex!r}"
+                finally:
+                    os.write(write, report.encode())
+                    os._exit(0)
+            os.close(write)
+            with os.fdopen(read) as f:
+                answer = f.read()
+            os.waitpid(pid, 0)
+            assert answer == "refused", answer
+            # The parent's transaction is still its own, still open.
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            assert conn.info.backend_pid == parent_pid
+            conn.rollback()
+        assert pool.stats().in_use == 0

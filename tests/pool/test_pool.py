@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import os
@@ -25,11 +26,13 @@ from pgwarden import (
     ConnectionReturned,
     Pool,
     PoolClosed,
+    PooledConnection,
     PoolOverloaded,
     PoolTimeout,
     QueryTimeout,
     UnknownLane,
 )
+from pgwarden.pool import _core
 from pgwarden.pool._acompat import Event
 from tests._util import wait_until
 from tests.pool._helpers import backend_pids, free_port, run_all, unique_app
@@ -134,7 +137,10 @@ def test_idle_connections_closed_down_to_min_size(dsn: str, admin: Any) -> None:
         assert pool.stats().evictions_total == 3
 
 
-def test_which_idle_connection_a_busy_caller_gets(dsn: str) -> None:
+def test_which_idle_connection_a_busy_caller_gets(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_core, "ALIVE_BYPASS_WINDOW", 30.0)  # slow CI machines
     with small_pool(dsn, min_size=4, max_size=4) as pool:
         pool.wait()
         pids = []
@@ -144,6 +150,13 @@ def test_which_idle_connection_a_busy_caller_gets(dsn: str) -> None:
         # It alternates between two of four: the others can idle out.
         assert all(a != b for a, b in pairwise(pids))
         assert len(set(pids[2:])) == 2
+
+
+def test_idle_order_survives_a_fork(dsn: str) -> None:
+    pool = small_pool(dsn)
+    rotation = pool._core.rotation
+    pool._forget_after_fork()  # what the child runs after os.fork()
+    assert pool._core.rotation == rotation
 
 
 def test_borrows_are_served_first_come_first_served(dsn: str) -> None:
@@ -436,6 +449,52 @@ def test_stale_handles_and_double_returns_raise(dsn: str) -> None:
 
         with pytest.raises(ConnectionReturned, match="not on loan"):
             pool.putconn(psycopg.Connection.connect(dsn))
+
+
+def test_a_kept_stale_handle_never_comes_back_to_life(dsn: str) -> None:
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        with pool.connection() as conn:
+            pass
+        stale = conn  # one reference kept, as `with ... as conn` in a loop does
+        with pool.connection() as again:
+            assert again is not stale
+            assert query_pid(again)
+            with pytest.raises(ConnectionReturned):
+                stale.execute("SELECT 1")
+        with pytest.raises(ConnectionReturned):
+            stale.execute("SELECT 1")
+
+
+def test_a_copied_handle_gives_nothing_back(dsn: str) -> None:
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        conn = pool.getconn()
+        twin = copy.copy(conn)
+        with pytest.raises(ConnectionReturned, match="not on loan"):
+            pool.putconn(twin)
+        assert pool.stats().in_use == 1
+        assert query_pid(conn)  # the loan is intact
+        pool.putconn(conn)
+        assert pool.stats().in_use == 0
+
+
+def test_a_failure_undoing_client_changes_closes_the_connection(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: Any) -> None:
+        raise KeyError("_prepared")
+
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        with pool.connection() as conn:
+            first = query_pid(conn)
+        monkeypatch.setattr(PooledConnection, "_pgw_restore", broken)
+        with caplog.at_level(logging.WARNING, logger="pgwarden.pool"):
+            with pool.connection() as conn:
+                pass
+        assert "undoing client-side changes" in caplog.text
+        monkeypatch.undo()
+        assert pool.stats().in_use == 0
+        with pool.connection() as conn:
+            assert query_pid(conn) != first  # a new one replaced it
 
 
 def test_handle_is_a_real_psycopg_connection(dsn: str) -> None:

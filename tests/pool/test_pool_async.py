@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import os
@@ -20,6 +21,7 @@ from psycopg.rows import dict_row
 
 from pgwarden import (
     AsyncPool,
+    AsyncPooledConnection,
     ConfigError,
     ConnectionReturned,
     PoolClosed,
@@ -28,6 +30,7 @@ from pgwarden import (
     QueryTimeout,
     UnknownLane,
 )
+from pgwarden.pool import _core
 from pgwarden.pool._acompat import AEvent
 from tests._util import await_until
 from tests.pool._helpers import backend_pids, free_port, unique_app
@@ -146,7 +149,10 @@ async def test_idle_connections_closed_down_to_min_size(dsn: str, admin: Any) ->
         assert pool.stats().evictions_total == 3
 
 
-async def test_which_idle_connection_a_busy_caller_gets(dsn: str) -> None:
+async def test_which_idle_connection_a_busy_caller_gets(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_core, "ALIVE_BYPASS_WINDOW", 30.0)  # slow CI machines
     async with small_pool(dsn, min_size=4, max_size=4) as pool:
         await pool.wait()
         pids = []
@@ -159,6 +165,13 @@ async def test_which_idle_connection_a_busy_caller_gets(dsn: str) -> None:
             # It alternates between two of four: the others can idle out.
             assert all(a != b for a, b in pairwise(pids))
             assert len(set(pids[2:])) == 2
+
+
+async def test_idle_order_survives_a_fork(dsn: str) -> None:
+    pool = small_pool(dsn)
+    rotation = pool._core.rotation
+    pool._forget_after_fork()  # what the child runs after os.fork()
+    assert pool._core.rotation == rotation
 
 
 async def test_borrows_are_served_first_come_first_served(dsn: str) -> None:
@@ -455,6 +468,52 @@ async def test_stale_handles_and_double_returns_raise(dsn: str) -> None:
 
         with pytest.raises(ConnectionReturned, match="not on loan"):
             await pool.putconn(await psycopg.AsyncConnection.connect(dsn))
+
+
+async def test_a_kept_stale_handle_never_comes_back_to_life(dsn: str) -> None:
+    async with small_pool(dsn, min_size=1, max_size=1) as pool:
+        async with pool.connection() as conn:
+            pass
+        stale = conn  # one reference kept, as `with ... as conn` in a loop does
+        async with pool.connection() as again:
+            assert again is not stale
+            assert await query_pid(again)
+            with pytest.raises(ConnectionReturned):
+                await stale.execute("SELECT 1")
+        with pytest.raises(ConnectionReturned):
+            await stale.execute("SELECT 1")
+
+
+async def test_a_copied_handle_gives_nothing_back(dsn: str) -> None:
+    async with small_pool(dsn, min_size=1, max_size=1) as pool:
+        conn = await pool.getconn()
+        twin = copy.copy(conn)
+        with pytest.raises(ConnectionReturned, match="not on loan"):
+            await pool.putconn(twin)
+        assert pool.stats().in_use == 1
+        assert await query_pid(conn)  # the loan is intact
+        await pool.putconn(conn)
+        assert pool.stats().in_use == 0
+
+
+async def test_a_failure_undoing_client_changes_closes_the_connection(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: Any) -> None:
+        raise KeyError("_prepared")
+
+    async with small_pool(dsn, min_size=1, max_size=1) as pool:
+        async with pool.connection() as conn:
+            first = await query_pid(conn)
+        monkeypatch.setattr(AsyncPooledConnection, "_pgw_restore", broken)
+        with caplog.at_level(logging.WARNING, logger="pgwarden.pool"):
+            async with pool.connection() as conn:
+                pass
+        assert "undoing client-side changes" in caplog.text
+        monkeypatch.undo()
+        assert pool.stats().in_use == 0
+        async with pool.connection() as conn:
+            assert await query_pid(conn) != first  # a new one replaced it
 
 
 async def test_handle_is_a_real_psycopg_connection(dsn: str) -> None:

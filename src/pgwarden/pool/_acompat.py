@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from time import monotonic
 from typing import TYPE_CHECKING, Any
@@ -185,6 +186,9 @@ def gather(registry: set[Any], timeout: float) -> None:
             for t in threads:
                 logger.warning("background thread %r did not stop in time", t.name)
             return
+        if threads[0].ident is None:  # spawn() is about to start it
+            time.sleep(0.001)
+            continue
         threads[0].join(remaining)
 
 

@@ -6,10 +6,12 @@ Built only on slow paths (a timeout, a maintenance step), never when borrowing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sys
 import threading
 import traceback
+import types
 from typing import Any
 
 from ._core import FAST_FAIL_WAIT, Entry, Lane, PoolCore
@@ -23,10 +25,7 @@ def where(entry: Entry) -> str:
     if entry.site is None:
         return "an unknown place"
     code, offset = entry.site
-    line = next(
-        (n for start, end, n in code.co_lines() if start <= offset < end and n),
-        code.co_firstlineno,
-    )
+    line = _line(code, offset)
     filename = code.co_filename
     try:
         rel = os.path.relpath(filename)
@@ -35,6 +34,15 @@ def where(entry: Entry) -> str:
     except ValueError:  # another drive on Windows
         pass
     return f"{filename}:{line} in {code.co_name}"
+
+
+@functools.lru_cache(maxsize=256)
+def _line(code: types.CodeType, offset: int) -> int:
+    """The line of the instruction at byte `offset` in `code`."""
+    return next(
+        (n for start, end, n in code.co_lines() if start <= offset < end and n),
+        code.co_firstlineno,
+    )
 
 
 def holder_name(holder: Any) -> str:

@@ -243,7 +243,12 @@ class Pool:
         """
         self._reopen_after_fork = self._opened and not self._core.closed
         self._opened = False
+        for entry in self._core.entries:
+            if entry.handle is not None and entry.handle._pgw_entry is entry:
+                _kill(entry.handle)  # the parent's session: not for the child
+        rotation = self._core.rotation
         self._core = _new_core(self.config)
+        self._core.rotation = rotation
         self._lock = Lock()
         self._tasks = set()
         self._wakeup = self._ready = self._drained = None
@@ -301,9 +306,9 @@ class Pool:
         now = started = monotonic()
         lock = self._lock
         while True:
-            # Not `with lock`: acquire() and release() cost half as much.
-            lock.acquire()
-            try:
+            # `with`, not acquire() then try: a KeyboardInterrupt between the
+            # two would leave the lock held for good.
+            with lock:
                 entry = core.try_acquire(lane, now)
                 if entry is None:
                     if timeout is None:
@@ -311,8 +316,6 @@ class Pool:
                     waiter = self._enqueue(lane, now, started + timeout, started)
                 if core._to_close:
                     self._after_change_locked()
-            finally:
-                lock.release()
             if entry is None:
                 entry = self._wait_for(waiter)
             if not self._test_on_borrow:
@@ -340,17 +343,21 @@ class Pool:
             now = monotonic()
         # The handle: the connection's last one is reused when only the entry
         # still refers to it (nobody kept the stale one), saving an allocation.
-        handle: PooledConnection = entry.handle
-        if getrefcount(handle) > 3:  # held elsewhere (or None)
+        if getrefcount(entry.handle) > 2:  # held elsewhere (or None)
             handle = object.__new__(PooledConnection)
             handle._pgw_entry = None  # readable at once by the maintenance
             entry.handle = handle
         else:
+            handle = entry.handle
             handle.__class__ = PooledConnection
         handle.__dict__ = entry.conn.__dict__
         handle._pgw_entry = entry  # the loan: claimed back under the lock
-        frame = sys._getframe(depth)
-        entry.site = (frame.f_code, frame.f_lasti)  # the line is found when needed
+        try:
+            frame = sys._getframe(depth)
+        except ValueError:  # called from the top of a thread
+            entry.site = None
+        else:
+            entry.site = (frame.f_code, frame.f_lasti)  # the line: when needed
         entry.holder = current_holder()
         return handle
 
@@ -492,22 +499,16 @@ class Pool:
             or handle.__dict__.get("_pool") is not self._ref
         ):
             raise self._not_on_loan(handle)
-        lock = self._lock
-        lock.acquire()
-        try:
+        with self._lock:
             return self._claim(handle)
-        finally:
-            lock.release()
 
     def _claim(self, handle: PooledConnection) -> Entry:
         """`_detach()` for a handle of this pool, under the lock: of two
         threads giving the same connection back at once, exactly one gets it."""
         entry = handle._pgw_entry
-        if entry is None:
+        if entry is None or entry.handle is not handle:  # returned, or a copy
             raise self._not_on_loan(handle)
-        handle._pgw_entry = None
-        handle.__dict__ = {}
-        handle.__class__ = ReturnedConnection
+        _kill(handle)
         return entry
 
     def _not_on_loan(self, handle: Any) -> ConnectionReturned:
@@ -527,12 +528,7 @@ class Pool:
 
         `warn` logs a warning if a transaction was left open.
         """
-        conn = entry.conn
-        if conn.pgconn.transaction_status == _IDLE and not self._reset_query:
-            conn._pgw_restore()
-            self._release(entry, True)
-            return
-        status = conn.pgconn.transaction_status
+        status = entry.conn.pgconn.transaction_status
         reusable = False
         try:
             reusable = self._reset(entry, status, warn)
@@ -596,7 +592,7 @@ class Pool:
         reusable: bool,
         handle: PooledConnection | None = None,
     ) -> None:
-        """Hand a returned connection to the next waiter or the idle stack.
+        """Hand a returned connection to the next waiter or the idle list.
 
         Given `handle` instead of `entry` (a handle still on loan, its
         connection idle), first claim the loan and undo the client-side
@@ -604,19 +600,26 @@ class Pool:
         """
         now = monotonic()
         core = self._core
-        lock = self._lock
-        lock.acquire()
-        try:
+        failure = None
+        with self._lock:
             if entry is None:
                 assert handle is not None
                 entry = self._claim(handle)
-                entry.conn._pgw_restore()
+                try:
+                    entry.conn._pgw_restore()
+                except Exception as ex:  # a psycopg this pool doesn't know
+                    failure, reusable = ex, False
             waiter = core.release(entry, now, reusable)
             if core._to_close:
                 self._after_change_locked()
             drained = core.closed and not core.busy
-        finally:
-            lock.release()
+        if failure is not None:
+            logger.warning(
+                "undoing client-side changes on a connection given back to pool"
+                " %r failed (%r); closing it",
+                self.name,
+                failure,
+            )
         if waiter is not None:
             if self._seams:
                 self._at_seam_now("assign", entry)
@@ -727,7 +730,7 @@ class Pool:
             served = []
             for entry in reclaimed:
                 core.reclaimed_total += 1
-                entry.handle._pgw_entry = None
+                _kill(entry.handle)
                 served.append(core.discard(entry, "reclaimed", now))
             act = core.maintain(now)
             self._start_connects(act.connects)
@@ -817,6 +820,13 @@ _NOT_READY = (
     "in recovery",
     "not yet accepting connections",
 )
+
+
+def _kill(handle: PooledConnection) -> None:
+    """End a loan on the handle's side: any further use raises ConnectionReturned."""
+    handle._pgw_entry = None
+    handle.__dict__ = {}
+    handle.__class__ = ReturnedConnection
 
 
 def _unreachable(ex: BaseException) -> bool:

@@ -250,7 +250,12 @@ class AsyncPool:
         """
         self._reopen_after_fork = self._opened and not self._core.closed
         self._opened = False
+        for entry in self._core.entries:
+            if entry.handle is not None and entry.handle._pgw_entry is entry:
+                _kill(entry.handle)  # the parent's session: not for the child
+        rotation = self._core.rotation
         self._core = _new_core(self.config)
+        self._core.rotation = rotation
         self._lock = Lock()
         self._tasks = set()
         self._wakeup = self._ready = self._drained = None
@@ -314,9 +319,9 @@ class AsyncPool:
         now = started = monotonic()
         lock = self._lock
         while True:
-            # Not `with lock`: acquire() and release() cost half as much.
-            lock.acquire()
-            try:
+            # `with`, not acquire() then try: a KeyboardInterrupt between the
+            # two would leave the lock held for good.
+            with lock:
                 entry = core.try_acquire(lane, now)
                 if entry is None:
                     if timeout is None:
@@ -324,8 +329,6 @@ class AsyncPool:
                     waiter = self._enqueue(lane, now, started + timeout, started)
                 if core._to_close:
                     self._after_change_locked()
-            finally:
-                lock.release()
             if entry is None:
                 entry = await self._wait_for(waiter)
             if not self._test_on_borrow:
@@ -353,17 +356,21 @@ class AsyncPool:
             now = monotonic()
         # The handle: the connection's last one is reused when only the entry
         # still refers to it (nobody kept the stale one), saving an allocation.
-        handle: AsyncPooledConnection = entry.handle
-        if getrefcount(handle) > 3:  # held elsewhere (or None)
+        if getrefcount(entry.handle) > 2:  # held elsewhere (or None)
             handle = object.__new__(AsyncPooledConnection)
             handle._pgw_entry = None  # readable at once by the maintenance
             entry.handle = handle
         else:
+            handle = entry.handle
             handle.__class__ = AsyncPooledConnection
         handle.__dict__ = entry.conn.__dict__
         handle._pgw_entry = entry  # the loan: claimed back under the lock
-        frame = sys._getframe(depth)
-        entry.site = (frame.f_code, frame.f_lasti)  # the line is found when needed
+        try:
+            frame = sys._getframe(depth)
+        except ValueError:  # called from the top of a thread
+            entry.site = None
+        else:
+            entry.site = (frame.f_code, frame.f_lasti)  # the line: when needed
         entry.holder = acurrent_holder()
         return handle
 
@@ -529,22 +536,16 @@ class AsyncPool:
             or handle.__dict__.get("_pool") is not self._ref
         ):
             raise self._not_on_loan(handle)
-        lock = self._lock
-        lock.acquire()
-        try:
+        with self._lock:
             return self._claim(handle)
-        finally:
-            lock.release()
 
     def _claim(self, handle: AsyncPooledConnection) -> Entry:
         """`_detach()` for a handle of this pool, under the lock: of two
         threads giving the same connection back at once, exactly one gets it."""
         entry = handle._pgw_entry
-        if entry is None:
+        if entry is None or entry.handle is not handle:  # returned, or a copy
             raise self._not_on_loan(handle)
-        handle._pgw_entry = None
-        handle.__dict__ = {}
-        handle.__class__ = AsyncReturnedConnection
+        _kill(handle)
         return entry
 
     def _not_on_loan(self, handle: Any) -> ConnectionReturned:
@@ -564,12 +565,7 @@ class AsyncPool:
 
         `warn` logs a warning if a transaction was left open.
         """
-        conn = entry.conn
-        if conn.pgconn.transaction_status == _IDLE and not self._reset_query:
-            conn._pgw_restore()
-            self._release(entry, True)
-            return
-        status = conn.pgconn.transaction_status
+        status = entry.conn.pgconn.transaction_status
         reusable = False
         try:
             reusable = await self._reset(entry, status, warn)
@@ -633,7 +629,7 @@ class AsyncPool:
         reusable: bool,
         handle: AsyncPooledConnection | None = None,
     ) -> None:
-        """Hand a returned connection to the next waiter or the idle stack.
+        """Hand a returned connection to the next waiter or the idle list.
 
         Given `handle` instead of `entry` (a handle still on loan, its
         connection idle), first claim the loan and undo the client-side
@@ -641,19 +637,26 @@ class AsyncPool:
         """
         now = monotonic()
         core = self._core
-        lock = self._lock
-        lock.acquire()
-        try:
+        failure = None
+        with self._lock:
             if entry is None:
                 assert handle is not None
                 entry = self._claim(handle)
-                entry.conn._pgw_restore()
+                try:
+                    entry.conn._pgw_restore()
+                except Exception as ex:  # a psycopg this pool doesn't know
+                    failure, reusable = ex, False
             waiter = core.release(entry, now, reusable)
             if core._to_close:
                 self._after_change_locked()
             drained = core.closed and not core.busy
-        finally:
-            lock.release()
+        if failure is not None:
+            logger.warning(
+                "undoing client-side changes on a connection given back to pool"
+                " %r failed (%r); closing it",
+                self.name,
+                failure,
+            )
         if waiter is not None:
             if self._seams:
                 self._at_seam_now("assign", entry)
@@ -773,7 +776,7 @@ class AsyncPool:
             served = []
             for entry in reclaimed:
                 core.reclaimed_total += 1
-                entry.handle._pgw_entry = None
+                _kill(entry.handle)
                 served.append(core.discard(entry, "reclaimed", now))
             act = core.maintain(now)
             self._start_connects(act.connects)
@@ -865,6 +868,13 @@ _NOT_READY = (
     "in recovery",
     "not yet accepting connections",
 )
+
+
+def _kill(handle: AsyncPooledConnection) -> None:
+    """End a loan on the handle's side: any further use raises ConnectionReturned."""
+    handle._pgw_entry = None
+    handle.__dict__ = {}
+    handle.__class__ = AsyncReturnedConnection
 
 
 def _unreachable(ex: BaseException) -> bool:
