@@ -508,7 +508,9 @@ class Pool:
         entry = handle._pgw_entry
         if entry is None or entry.handle is not handle:  # returned, or a copy
             raise self._not_on_loan(handle)
-        _kill(handle)
+        handle._pgw_entry = None  # _kill(handle), inlined: the hot path
+        handle.__dict__ = {}
+        handle.__class__ = ReturnedConnection
         return entry
 
     def _not_on_loan(self, handle: Any) -> ConnectionReturned:
