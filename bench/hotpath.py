@@ -66,8 +66,8 @@ def main() -> None:
             core, lane, lock = pool._core, pool._core.default_lane, pool._lock
 
             def locked() -> None:
-                lock.acquire()
-                lock.release()
+                with lock:
+                    pass
 
             def decide() -> None:
                 core.release(core.try_acquire(lane, 0.0), 0.0, True)  # type: ignore[arg-type]
