@@ -497,6 +497,26 @@ def test_a_failure_undoing_client_changes_closes_the_connection(
             assert query_pid(conn) != first  # a new one replaced it
 
 
+def test_a_borrow_interrupted_before_hand_out_loses_no_slot(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = sys.modules[Pool.__module__]
+    holder = module.current_holder
+
+    def interrupted() -> Any:
+        monkeypatch.setattr(module, "current_holder", holder)  # once
+        raise KeyboardInterrupt
+
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        pool.wait()
+        monkeypatch.setattr(module, "current_holder", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            pool.getconn()
+        assert pool.stats().in_use == 0
+        with pool.connection(timeout=5) as conn:  # its replacement
+            assert query_pid(conn)
+
+
 def test_handle_is_a_real_psycopg_connection(dsn: str) -> None:
     with small_pool(dsn) as pool, pool.connection() as conn:
         assert isinstance(conn, psycopg.Connection)

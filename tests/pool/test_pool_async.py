@@ -516,6 +516,26 @@ async def test_a_failure_undoing_client_changes_closes_the_connection(
             assert await query_pid(conn) != first  # a new one replaced it
 
 
+async def test_a_borrow_interrupted_before_hand_out_loses_no_slot(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = sys.modules[AsyncPool.__module__]
+    holder = module.acurrent_holder
+
+    def interrupted() -> Any:
+        monkeypatch.setattr(module, "acurrent_holder", holder)  # once
+        raise KeyboardInterrupt
+
+    async with small_pool(dsn, min_size=1, max_size=1) as pool:
+        await pool.wait()
+        monkeypatch.setattr(module, "acurrent_holder", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            await pool.getconn()
+        assert pool.stats().in_use == 0
+        async with pool.connection(timeout=5) as conn:  # its replacement
+            assert await query_pid(conn)
+
+
 async def test_handle_is_a_real_psycopg_connection(dsn: str) -> None:
     async with small_pool(dsn) as pool, pool.connection() as conn:
         assert isinstance(conn, psycopg.AsyncConnection)

@@ -318,48 +318,65 @@ class Pool:
                     self._after_change_locked()
             if entry is None:
                 entry = self._wait_for(waiter)
-            if not self._test_on_borrow:
-                break
-            # self._alive(entry), inlined: this is the hot path.
-            pgconn = entry.conn.pgconn
             try:
-                pgconn.consume_input()
-                pgconn.is_busy()  # parses what came; a FATAL notice dooms the entry
-                alive = pgconn.status == _OK and not entry.doomed
-            except psycopg.OperationalError:
-                alive = False
-            if alive:
-                # Recently used and not suspect: the liveness test is enough.
-                last_ok = entry.last_ok
-                bypass = _core.ALIVE_BYPASS_WINDOW  # a module global: tests patch it
-                if now - last_ok <= bypass and last_ok > core.suspect_before:
+                if not self._test_on_borrow:
                     break
-                if timeout is None:
-                    timeout = self.config.connection_timeout
-                if self._validate_borrowed(entry, started + timeout):
-                    break
-            else:
-                self._drop(entry, "dead")
+                # self._alive(entry), inlined: this is the hot path.
+                pgconn = entry.conn.pgconn
+                try:
+                    pgconn.consume_input()
+                    pgconn.is_busy()  # parses what came; a FATAL notice dooms it
+                    alive = pgconn.status == _OK and not entry.doomed
+                except psycopg.OperationalError:
+                    alive = False
+                if alive:
+                    # Recently used and not suspect: the liveness test is enough.
+                    last_ok = entry.last_ok
+                    bypass = _core.ALIVE_BYPASS_WINDOW  # module global: tests patch it
+                    if now - last_ok <= bypass and last_ok > core.suspect_before:
+                        break
+                    if timeout is None:
+                        timeout = self.config.connection_timeout
+                    if self._validate_borrowed(entry, started + timeout):
+                        break
+                else:
+                    self._drop(entry, "dead")
+            except BaseException:
+                self._interrupted(entry)
+                raise
             now = monotonic()
-        # The handle: the connection's last one is reused when only the entry
-        # still refers to it (nobody kept the stale one), saving an allocation.
-        if getrefcount(entry.handle) > 2:  # held elsewhere (or None)
-            handle = object.__new__(PooledConnection)
-            handle._pgw_entry = None  # readable at once by the maintenance
-            entry.handle = handle
-        else:
-            handle = entry.handle
-            handle.__class__ = PooledConnection
-        handle.__dict__ = entry.conn.__dict__
-        handle._pgw_entry = entry  # the loan: claimed back under the lock
         try:
-            frame = sys._getframe(depth)
-        except ValueError:  # called from the top of a thread
-            entry.site = None
-        else:
-            entry.site = (frame.f_code, frame.f_lasti)  # the line: when needed
-        entry.holder = current_holder()
+            # The handle: the connection's last one is reused when only the
+            # entry still refers to it (nobody kept the stale one).
+            if getrefcount(entry.handle) > 2:  # held elsewhere (or None)
+                handle = object.__new__(PooledConnection)
+                handle._pgw_entry = None  # readable at once by the maintenance
+                entry.handle = handle
+            else:
+                handle = entry.handle
+                handle.__class__ = PooledConnection
+            handle.__dict__ = entry.conn.__dict__
+            handle._pgw_entry = entry  # the loan: claimed back under the lock
+            try:
+                frame = sys._getframe(depth)
+            except ValueError:  # called from the top of a thread
+                entry.site = None
+            else:
+                entry.site = (frame.f_code, frame.f_lasti)  # the line: when needed
+            entry.holder = current_holder()
+        except BaseException:
+            self._interrupted(entry)
+            raise
         return handle
+
+    def _interrupted(self, entry: Entry) -> None:
+        """A borrow was interrupted (KeyboardInterrupt...) before it handed
+        `entry` out: close it rather than lose its slot."""
+        if entry.state == _core.BUSY:
+            handle = entry.handle
+            if handle is not None and handle._pgw_entry is entry:
+                _kill(handle)
+            self._drop(entry, "cancelled")
 
     def _enqueue(
         self, lane: Lane, now: float, deadline: float, started: float
