@@ -22,6 +22,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from pgwarden.embedded import EmbeddedPostgres
+from tests._sessions import Sessions
 
 # CREATE DATABASE from template0 takes ~60-100 ms with either strategy here;
 # FILE_COPY writes almost no WAL (WAL_LOG writes the whole template each time).
@@ -164,3 +165,13 @@ def admin(dsn: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
         yield conn
     finally:
         conn.close()  # not `with`: its exit fails if the test restarted the server
+
+
+@pytest.fixture
+def sessions(dsn: str) -> Iterator[Sessions]:
+    """Client sessions for one test (see tests/_sessions.py), closed at its end."""
+    s = Sessions(dsn)
+    try:
+        yield s
+    finally:
+        s.close()

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
@@ -26,6 +25,7 @@ from pgwarden.monitor import (
 )
 from pgwarden.monitor.snapshot import SNAPSHOT_SQL, SNAPSHOT_SQL_PRE_14
 
+from .._sessions import Sessions
 from .._util import wait_until
 
 Conn = psycopg.Connection[Any]
@@ -46,54 +46,6 @@ SESSION_KEYS = {
 }  # fmt: skip
 LOCK_WAIT_KEYS = {"pid", "blocked_by", "root_blockers", "waiting_seconds"}
 ATTRIBUTION_KEYS = {"pool", "lane", "held_seconds", "acquired_at"}
-
-
-class Sessions:
-    """Client sessions for a test; statements that block run in threads."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self._conns: list[Conn] = []
-        self._jobs: list[tuple[Conn, threading.Thread]] = []
-
-    def open(self, app: str = "pgw-test", conninfo: str | None = None) -> Conn:
-        conn = psycopg.connect(
-            conninfo or self.dsn, autocommit=True, application_name=app
-        )
-        self._conns.append(conn)
-        return conn
-
-    def start(self, conn: Conn, query: str) -> threading.Thread:
-        """Run ``query`` on ``conn`` in a thread (cancelled at the end if still on)."""
-
-        def run() -> None:
-            try:
-                conn.execute(query.encode())
-            except psycopg.Error:
-                pass  # cancelled by close(), or its transaction went away
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        self._jobs.append((conn, thread))
-        return thread
-
-    def close(self) -> None:
-        for conn, thread in self._jobs:
-            if thread.is_alive():
-                conn.cancel_safe()
-        for _, thread in self._jobs:
-            thread.join(10)
-        for conn in self._conns:
-            conn.close()
-
-
-@pytest.fixture
-def sessions(dsn: str) -> Iterator[Sessions]:
-    s = Sessions(dsn)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture
@@ -311,11 +263,11 @@ def test_a_session_blocked_by_two_sessions(
 
 
 def test_a_deadlock_in_progress_does_not_loop(
-    admin: Conn, sessions: Sessions, table: str, dsn: str
+    admin: Conn, sessions: Sessions, table: str
 ) -> None:
-    slow_detector = make_conninfo(dsn, options="-c deadlock_timeout=1h")
-    a = sessions.open("a", slow_detector)
-    b = sessions.open("b", slow_detector)
+    slow_detector = "-c deadlock_timeout=1h"
+    a = sessions.open("a", options=slow_detector)
+    b = sessions.open("b", options=slow_detector)
     for conn, row in ((a, 1), (b, 2)):
         conn.execute("BEGIN")
         conn.execute(f"UPDATE t SET v = 1 WHERE id = {row}".encode())
@@ -383,7 +335,7 @@ def test_headroom_subtracts_both_reserves(admin: Conn, sessions: Sessions) -> No
 
 
 def test_visibility_without_and_with_pg_monitor(
-    admin: Conn, sessions: Sessions, dsn: str
+    admin: Conn, sessions: Sessions
 ) -> None:
     role = f"pgw Watcher-{uuid.uuid4().hex[:6]}"  # needs quoting in the advice
     admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
@@ -391,9 +343,8 @@ def test_visibility_without_and_with_pg_monitor(
         in_tx = sessions.open("superuser-app")
         in_tx.execute("BEGIN")
         in_tx.execute("SELECT 1")
-        as_role = make_conninfo(dsn, user=role)
-        buddy = sessions.open("buddy", as_role)
-        watcher = sessions.open("watcher", as_role)
+        buddy = sessions.open("buddy", user=role)
+        watcher = sessions.open("watcher", user=role)
 
         blind = take_snapshot(watcher)
 
@@ -427,7 +378,8 @@ def test_all_databases_widens_the_scope(
     admin: Conn, sessions: Sessions, pg_server: Any
 ) -> None:
     mine = sessions.open("here")
-    elsewhere = sessions.open("elsewhere", pg_server.admin_dsn)
+    admin_db = conninfo_to_dict(pg_server.admin_dsn)["dbname"]
+    elsewhere = sessions.open("elsewhere", dbname=admin_db)
 
     narrow = take_snapshot(admin)
     wide = take_snapshot(admin, all_databases=True)

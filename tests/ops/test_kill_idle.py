@@ -42,15 +42,6 @@ CRITERIA_KEYS = {
 
 
 @pytest.fixture
-def sessions(dsn: str) -> Iterator[Sessions]:
-    s = Sessions(dsn)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture
 def roles(admin: Conn, sessions: Sessions) -> Iterator[Roles]:
     r = Roles(admin)
     try:

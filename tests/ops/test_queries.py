@@ -34,15 +34,6 @@ REPORT_KEYS = {
 
 
 @pytest.fixture
-def sessions(dsn: str) -> Iterator[Sessions]:
-    s = Sessions(dsn)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture
 def app_user(admin: Conn, sessions: Sessions) -> Iterator[str]:
     roles = Roles(admin)
     name = roles.make()

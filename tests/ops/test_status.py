@@ -53,15 +53,6 @@ ANSI = re.compile(r"\x1b\[")
 
 
 @pytest.fixture
-def sessions(dsn: str) -> Iterator[Sessions]:
-    s = Sessions(dsn)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture
 def states(admin: Conn, sessions: Sessions) -> dict[str, Conn]:
     """A session in each state, by state."""
     made = {
