@@ -54,6 +54,7 @@ from pgwarden import (
 from pgwarden.pool import _core
 from pgwarden.pool._acompat import Event
 from pgwarden.pool._core import Entry
+from pgwarden.pool.connection import PooledConnection
 from tests._util import wait_until
 from tests.faults.invariants import bounded, check_closed, check_pool
 from tests.pool._helpers import backend_pids, free_port, run_all, unique_app
@@ -1111,6 +1112,91 @@ def test_reclaim_report_names_the_borrower(
         check_pool(pool, admin)
     (msg,) = logged(caplog, "garbage collected", logging.WARNING)
     assert "unknown borrower" not in msg, msg
+
+
+def test_give_back_stopped_halfway_loses_no_slot(
+    dsn: str,
+    admin: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A KeyboardInterrupt in the middle of a give-back (here: while the pool
+    undoes client-side changes) leaves the connection between hands. Once no
+    honest hand-over can still be running, the maintenance drops it: a waiting
+    caller gets a new one, the old session ends, one warning says why."""
+    caplog.set_level(logging.WARNING, logger="pgwarden")
+    monkeypatch.setattr(_core, "STRANDED_AFTER", 0.0)  # limit: 2 x 0.2 s
+    restore = PooledConnection._pgw_restore
+
+    def interrupted(self: Any) -> None:
+        monkeypatch.setattr(PooledConnection, "_pgw_restore", restore)  # once
+        raise KeyboardInterrupt
+
+    with small_pool(dsn, min_size=1, max_size=1, validation_timeout=0.2) as pool:
+        app = pool.config.application_name
+        with pytest.raises(KeyboardInterrupt):
+            with pool.connection() as conn:
+                pid = query_pid(conn)
+                monkeypatch.setattr(PooledConnection, "_pgw_restore", interrupted)
+        assert pool.stats().in_use == 1  # neither on loan nor back
+        with pool.connection(timeout=5) as conn:
+            assert query_pid(conn) != pid
+        assert pool.stats().reclaimed_total == 1
+        (msg,) = logged(caplog, "between hands", logging.WARNING)
+        assert f"backend pid {pid}" in msg and "being given back" in msg
+        wait_until(lambda: pid not in backend_pids(admin, app), timeout=3)
+        check_pool(pool, admin)
+
+
+def test_borrow_outliving_the_stranded_limit_gets_another_connection(
+    dsn: str, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A borrow whose hand-over outlives the stranded limit anyway (here held
+    at the validation query) has its connection dropped under it; it fails
+    cleanly on the cut socket and goes on with another connection, and that
+    failure is not counted against the server."""
+    monkeypatch.setattr(_core, "STRANDED_AFTER", 0.0)
+    with small_pool(dsn, min_size=1, max_size=1, validation_timeout=0.2) as pool:
+        pool.wait(5)
+        (first,) = [c.pid for c in pool.describe()]
+
+        def hold(entry: Entry) -> Any:
+            pool._seams = None  # once
+            return wait_until(lambda: pool.stats().reclaimed_total == 1, timeout=5)
+
+        pool._seams = {"validate": hold}
+        force_validation(pool)
+        with pool.connection(timeout=5) as conn:
+            assert query_pid(conn) != first
+        stats = pool.stats()
+        assert stats.reclaimed_total == 1
+        assert stats.validation_failures_total == 0, stats
+        check_pool(pool, admin)
+
+
+def test_give_back_outliving_the_stranded_limit_ends_cleanly(
+    dsn: str, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A give-back that outlives the stranded limit anyway (here held at the
+    rollback) has its connection dropped under it: the rollback fails on the
+    cut socket, the transaction is not committed, nothing is released twice."""
+    monkeypatch.setattr(_core, "STRANDED_AFTER", 0.0)
+    admin.execute("CREATE TABLE t (x int)")
+    with small_pool(dsn, min_size=1, max_size=1, validation_timeout=0.2) as pool:
+
+        def hold(entry: Entry) -> Any:
+            return wait_until(lambda: pool.stats().reclaimed_total == 1, timeout=5)
+
+        conn = pool.getconn()
+        conn.execute("INSERT INTO t VALUES (1)")
+        pool._seams = {"rollback": hold}
+        pool.putconn(conn)
+        pool._seams = None
+        assert pool.stats().in_use == 0
+        with pool.connection(timeout=5) as conn:
+            assert query_pid(conn)
+        check_pool(pool, admin)
+    assert count(admin, "SELECT count(*) FROM t") == 0
 
 
 def test_max_lifetime_retires_connections_on_return_never_on_loan(

@@ -51,6 +51,7 @@ from pgwarden import (
 from pgwarden.pool import _core
 from pgwarden.pool._acompat import AEvent
 from pgwarden.pool._core import Entry
+from pgwarden.pool.connection_async import AsyncPooledConnection
 from tests._util import await_until
 from tests.faults.invariants import acheck_closed, acheck_pool, bounded
 from tests.pool._helpers import backend_pids, free_port, unique_app
@@ -1155,6 +1156,91 @@ async def test_reclaim_report_names_the_borrower(
         await acheck_pool(pool, admin)
     (msg,) = logged(caplog, "garbage collected", logging.WARNING)
     assert "unknown borrower" not in msg, msg
+
+
+async def test_give_back_stopped_halfway_loses_no_slot(
+    dsn: str,
+    admin: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A KeyboardInterrupt in the middle of a give-back (here: while the pool
+    undoes client-side changes) leaves the connection between hands. Once no
+    honest hand-over can still be running, the maintenance drops it: a waiting
+    caller gets a new one, the old session ends, one warning says why."""
+    caplog.set_level(logging.WARNING, logger="pgwarden")
+    monkeypatch.setattr(_core, "STRANDED_AFTER", 0.0)  # limit: 2 x 0.2 s
+    restore = AsyncPooledConnection._pgw_restore
+
+    def interrupted(self: Any) -> None:
+        monkeypatch.setattr(AsyncPooledConnection, "_pgw_restore", restore)  # once
+        raise KeyboardInterrupt
+
+    async with small_pool(dsn, min_size=1, max_size=1, validation_timeout=0.2) as pool:
+        app = pool.config.application_name
+        with pytest.raises(KeyboardInterrupt):
+            async with pool.connection() as conn:
+                pid = await query_pid(conn)
+                monkeypatch.setattr(AsyncPooledConnection, "_pgw_restore", interrupted)
+        assert pool.stats().in_use == 1  # neither on loan nor back
+        async with pool.connection(timeout=5) as conn:
+            assert await query_pid(conn) != pid
+        assert pool.stats().reclaimed_total == 1
+        (msg,) = logged(caplog, "between hands", logging.WARNING)
+        assert f"backend pid {pid}" in msg and "being given back" in msg
+        await await_until(lambda: pid not in backend_pids(admin, app), timeout=3)
+        await acheck_pool(pool, admin)
+
+
+async def test_borrow_outliving_the_stranded_limit_gets_another_connection(
+    dsn: str, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A borrow whose hand-over outlives the stranded limit anyway (here held
+    at the validation query) has its connection dropped under it; it fails
+    cleanly on the cut socket and goes on with another connection, and that
+    failure is not counted against the server."""
+    monkeypatch.setattr(_core, "STRANDED_AFTER", 0.0)
+    async with small_pool(dsn, min_size=1, max_size=1, validation_timeout=0.2) as pool:
+        await pool.wait(5)
+        (first,) = [c.pid for c in pool.describe()]
+
+        def hold(entry: Entry) -> Any:
+            pool._seams = None  # once
+            return await_until(lambda: pool.stats().reclaimed_total == 1, timeout=5)
+
+        pool._seams = {"validate": hold}
+        force_validation(pool)
+        async with pool.connection(timeout=5) as conn:
+            assert await query_pid(conn) != first
+        stats = pool.stats()
+        assert stats.reclaimed_total == 1
+        assert stats.validation_failures_total == 0, stats
+        await acheck_pool(pool, admin)
+
+
+async def test_give_back_outliving_the_stranded_limit_ends_cleanly(
+    dsn: str, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A give-back that outlives the stranded limit anyway (here held at the
+    rollback) has its connection dropped under it: the rollback fails on the
+    cut socket, the transaction is not committed, nothing is released twice."""
+    monkeypatch.setattr(_core, "STRANDED_AFTER", 0.0)
+    admin.execute("CREATE TABLE t (x int)")
+    async with small_pool(dsn, min_size=1, max_size=1, validation_timeout=0.2) as pool:
+
+        def hold(entry: Entry) -> Any:
+            return await_until(lambda: pool.stats().reclaimed_total == 1, timeout=5)
+
+        conn = await pool.getconn()
+        await conn.execute("INSERT INTO t VALUES (1)")
+        pool._seams = {"rollback": hold}
+        await pool.putconn(conn)
+        pool._seams = None
+        assert pool.stats().in_use == 0
+        async with pool.connection(timeout=5) as conn:
+            assert await query_pid(conn)
+        await acheck_pool(pool, admin)
+    assert count(admin, "SELECT count(*) FROM t") == 0
 
 
 async def test_max_lifetime_retires_connections_on_return_never_on_loan(

@@ -78,7 +78,9 @@ _POOL_COUNTERS = (
     ),
     (
         "reclaimed",
-        "Connections whose handle was garbage collected while on loan.",
+        "Connections taken back from a borrower who can't give them back: a"
+        " handle garbage collected while on loan, or a borrow or give-back"
+        " stopped halfway (KeyboardInterrupt).",
         "reclaimed_total",
     ),
     ("connections_opened", "Connections opened.", "connections_opened_total"),

@@ -51,6 +51,13 @@ ALIVE_BYPASS_WINDOW = 0.5
 # bottleneck there, and rotating measured 3 % slower.
 ROTATION = 2
 
+# A borrowed connection with no handle attached is between hands: being lent
+# (liveness test, validation query) or given back (rollback, reset query).
+# Past this many seconds beyond two validation timeouts, no honest hand-over
+# is still running: a KeyboardInterrupt stopped one halfway, and the pool
+# drops the connection rather than lose its slot for good.
+STRANDED_AFTER = 30.0
+
 # While the server is known to be unreachable, a caller waits at most this long.
 FAST_FAIL_WAIT = 1.0
 
@@ -118,6 +125,7 @@ class Entry:
         "last_used",
         "leak_reported",
         "pid",
+        "returned_at",
         "site",
         "state",
     )
@@ -133,6 +141,7 @@ class Entry:
         self.state = IDLE
         self.lane: Lane | None = None
         self.held_since = 0.0
+        self.returned_at = 0.0  # when its last give-back began
         self.site: tuple[Any, int] | None = None  # borrower's (code, f_lasti)
         self.holder: Any = None  # thread ident or asyncio task of the borrower
         self.leak_reported = False
@@ -442,8 +451,10 @@ class PoolCore:
         (returned, for the shell to wake) or back to the idle list.
         """
         # _unlease(), inlined: this is the hot path.
+        if entry.state != BUSY:  # dropped as stranded while its give-back stalled
+            return None
         lane = entry.lane
-        assert lane is not None and entry.state == BUSY, entry
+        assert lane is not None, entry
         in_use = lane.in_use = lane.in_use - 1
         if in_use >= lane.reserved:
             self.committed -= 1

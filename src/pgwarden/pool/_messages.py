@@ -130,3 +130,15 @@ def reclaim_message(entry: Entry, pool: str, now: float) -> str:
         f" it was acquired at {where(entry)} by {holder_name(entry.holder)}; the pool"
         f" closed it (the server rolls back its open transaction) and will replace it"
     )
+
+
+def stranded_message(entry: Entry, pool: str, now: float) -> str:
+    since = max(entry.held_since, entry.returned_at)
+    step = "given back" if entry.returned_at >= entry.held_since else "lent"
+    return (
+        f"connection (backend pid {entry.pid}) of pool {pool!r} was left"
+        f" between hands for {now - since:.0f} s: it was being {step} (acquired at"
+        f" {where(entry)} by {holder_name(entry.holder)}) when that was stopped"
+        " halfway, by a KeyboardInterrupt for instance; the pool dropped it"
+        " (the server rolls back its open transaction) and will replace it"
+    )

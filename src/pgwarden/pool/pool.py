@@ -497,6 +497,8 @@ class Pool:
         now = monotonic()
         with self._lock:
             core = self._core
+            if entry.state == _core.CLOSED:  # dropped as stranded meanwhile
+                return
             if why == "dead":
                 core.validation_failures_total += 1
                 core.lost(now)
@@ -516,15 +518,17 @@ class Pool:
             or handle.__dict__.get("_pool") is not self._ref
         ):
             raise self._not_on_loan(handle)
+        now = monotonic()
         with self._lock:
-            return self._claim(handle)
+            return self._claim(handle, now)
 
-    def _claim(self, handle: PooledConnection) -> Entry:
+    def _claim(self, handle: PooledConnection, now: float) -> Entry:
         """`_detach()` for a handle of this pool, under the lock: of two
         threads giving the same connection back at once, exactly one gets it."""
         entry = handle._pgw_entry
         if entry is None or entry.handle is not handle:  # returned, or a copy
             raise self._not_on_loan(handle)
+        entry.returned_at = now
         handle._pgw_entry = None  # _kill(handle), inlined: the hot path
         handle.__dict__ = {}
         handle.__class__ = ReturnedConnection
@@ -623,7 +627,7 @@ class Pool:
         with self._lock:
             if entry is None:
                 assert handle is not None
-                entry = self._claim(handle)
+                entry = self._claim(handle, now)
                 try:
                     entry.conn._pgw_restore()
                 except Exception as ex:  # a psycopg this pool doesn't know
@@ -751,6 +755,17 @@ class Pool:
                 core.reclaimed_total += 1
                 _kill(entry.handle)
                 served.append(core.discard(entry, "reclaimed", now))
+            # A borrow or give-back stopped halfway (KeyboardInterrupt) left
+            # its connection between hands: drop it, don't close it (should
+            # its caller still be inside, it fails cleanly on the cut socket).
+            limit = _core.STRANDED_AFTER + 2 * self.config.validation_timeout
+            for entry in [e for e in core.entries if e.state == _core.BUSY]:
+                if _stranded(entry, now, limit):
+                    reports.append(_messages.stranded_message(entry, self.name, now))
+                    core.reclaimed_total += 1
+                    entry.abandoned = True
+                    shutdown_socket(entry.conn.pgconn)
+                    served.append(core.discard(entry, "stranded", now))
             act = core.maintain(now)
             self._start_connects(act.connects)
             delay = self._tick
@@ -846,6 +861,15 @@ def _kill(handle: PooledConnection) -> None:
     handle._pgw_entry = None
     handle.__dict__ = {}
     handle.__class__ = ReturnedConnection
+
+
+def _stranded(entry: Entry, now: float, limit: float) -> bool:
+    """Whether a borrowed connection has been between hands for over `limit` s."""
+    handle = entry.handle
+    if handle is not None and handle._pgw_entry is entry:
+        return False  # on loan
+    # Being lent since held_since, or being given back since returned_at.
+    return now - max(entry.held_since, entry.returned_at) > limit
 
 
 def _unreachable(ex: BaseException) -> bool:
