@@ -12,6 +12,7 @@ invariant checker (`acheck_pool`, and `acheck_closed` when it closes the pool).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -491,6 +492,34 @@ async def test_concurrent_opens_start_one_maintenance_task(
     finally:
         await pool.close()
     await acheck_closed(pool, admin)
+
+
+async def test_pool_used_from_a_loop_in_another_thread_refuses(
+    dsn: str, admin: Any
+) -> None:
+    """Scenario 31: while its own loop is running a task, a pool used from a
+    loop in another thread refuses with an error that names the loop (its
+    cheap check of the borrower looks at the thread too)."""
+    async with small_pool(dsn) as pool:
+        await pool.wait(5)
+        errors: list[BaseException] = []
+
+        def elsewhere() -> None:
+            async def borrow() -> None:
+                await pool.getconn()
+
+            try:
+                asyncio.run(borrow())
+            except BaseException as ex:
+                errors.append(ex)
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join(10)  # blocking: this task stays the one our loop runs
+        (error,) = errors
+        assert isinstance(error, PoolClosed), error
+        assert "another event loop" in str(error)
+        await acheck_pool(pool, admin)
 
 
 def test_pool_closed_in_one_loop_says_so_in_another(dsn: str, admin: Any) -> None:

@@ -501,15 +501,15 @@ def test_a_borrow_interrupted_before_hand_out_loses_no_slot(
     dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     module = sys.modules[Pool.__module__]
-    holder = module.current_holder
+    refcount = module.getrefcount  # called once the connection is taken
 
-    def interrupted() -> Any:
-        monkeypatch.setattr(module, "current_holder", holder)  # once
+    def interrupted(obj: Any) -> int:
+        monkeypatch.setattr(module, "getrefcount", refcount)  # once
         raise KeyboardInterrupt
 
     with small_pool(dsn, min_size=1, max_size=1) as pool:
         pool.wait()
-        monkeypatch.setattr(module, "current_holder", interrupted)
+        monkeypatch.setattr(module, "getrefcount", interrupted)
         with pytest.raises(KeyboardInterrupt):
             pool.getconn()
         assert pool.stats().in_use == 0

@@ -520,15 +520,15 @@ async def test_a_borrow_interrupted_before_hand_out_loses_no_slot(
     dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     module = sys.modules[AsyncPool.__module__]
-    holder = module.acurrent_holder
+    refcount = module.getrefcount  # called once the connection is taken
 
-    def interrupted() -> Any:
-        monkeypatch.setattr(module, "acurrent_holder", holder)  # once
+    def interrupted(obj: Any) -> int:
+        monkeypatch.setattr(module, "getrefcount", refcount)  # once
         raise KeyboardInterrupt
 
     async with small_pool(dsn, min_size=1, max_size=1) as pool:
         await pool.wait()
-        monkeypatch.setattr(module, "acurrent_holder", interrupted)
+        monkeypatch.setattr(module, "getrefcount", interrupted)
         with pytest.raises(KeyboardInterrupt):
             await pool.getconn()
         assert pool.stats().in_use == 0

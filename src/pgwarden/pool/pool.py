@@ -303,6 +303,7 @@ class Pool:
                     f"pool {self.name!r} is {'closed' if core.closed else 'not open'}"
                 )
             self.open()
+        holder = current_holder()
         now = started = monotonic()
         lock = self._lock
         while True:
@@ -363,7 +364,7 @@ class Pool:
                 entry.site = None
             else:
                 entry.site = (frame.f_code, frame.f_lasti)  # the line: when needed
-            entry.holder = current_holder()
+            entry.holder = holder
         except BaseException:
             self._interrupted(entry)
             raise
