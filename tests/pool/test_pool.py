@@ -816,6 +816,16 @@ def test_describe_tells_who_holds_what(dsn: str) -> None:
         assert all(c.state == "idle" for c in pool.describe())
 
 
+def test_describe_names_the_line_of_a_connection_block(dsn: str) -> None:
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        line = sys._getframe().f_lineno + 1
+        with pool.connection():
+            (held,) = pool.describe()
+            assert held.acquired_at is not None
+            site = held.acquired_at.replace("test_pool.py", "test_pool_async.py")
+            assert f"test_pool_async.py:{line} in test_describe_names" in site
+
+
 def test_password_never_shown(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     secret = "Sup3r-S3cret-pw"

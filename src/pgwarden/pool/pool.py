@@ -288,8 +288,14 @@ class Pool:
         self._give_back(self._detach(conn), warn=True)
 
     def _getconn(
-        self, lane_name: str | None, timeout: float | None, depth: int
+        self,
+        lane_name: str | None,
+        timeout: float | None,
+        depth: int,
+        block: _ConnectionBlock | None = None,
     ) -> PooledConnection:
+        """Borrow for `getconn()` or for a `connection()` block (which keeps
+        the handle); `depth`: how many frames up the borrower's code is."""
         core = self._core
         lane = core.default_lane if lane_name is None else core.lanes.get(lane_name)
         if lane is None:
@@ -368,6 +374,8 @@ class Pool:
         except BaseException:
             self._interrupted(entry)
             raise
+        if block is not None:
+            block._conn = handle
         return handle
 
     def _interrupted(self, entry: Entry) -> None:
@@ -819,8 +827,7 @@ class _ConnectionBlock:
         self._conn: PooledConnection | None = None
 
     def __enter__(self) -> PooledConnection:
-        self._conn = self._pool._getconn(self._lane, self._timeout, 2)
-        return self._conn
+        return self._pool._getconn(self._lane, self._timeout, 2, self)
 
     def __exit__(
         self,

@@ -47,6 +47,7 @@ if True:  # ASYNC
     import asyncio
     import inspect
     import threading
+    from collections.abc import Coroutine
 
 logger = logging.getLogger("pgwarden.pool")
 
@@ -298,8 +299,14 @@ class AsyncPool:
         await self._give_back(self._detach(conn), warn=True)
 
     async def _getconn(
-        self, lane_name: str | None, timeout: float | None, depth: int
+        self,
+        lane_name: str | None,
+        timeout: float | None,
+        depth: int,
+        block: _AsyncConnectionBlock | None = None,
     ) -> AsyncPooledConnection:
+        """Borrow for `getconn()` or for a `connection()` block (which keeps
+        the handle); `depth`: how many frames up the borrower's code is."""
         core = self._core
         lane = core.default_lane if lane_name is None else core.lanes.get(lane_name)
         if lane is None:
@@ -391,6 +398,8 @@ class AsyncPool:
         except BaseException:
             self._interrupted(entry)
             raise
+        if block is not None:
+            block._conn = handle
         return handle
 
     def _interrupted(self, entry: Entry) -> None:
@@ -876,9 +885,16 @@ class _AsyncConnectionBlock:
         self._timeout = timeout
         self._conn: AsyncPooledConnection | None = None
 
-    async def __aenter__(self) -> AsyncPooledConnection:
-        self._conn = await self._pool._getconn(self._lane, self._timeout, 2)
-        return self._conn
+    if True:  # ASYNC
+
+        def __aenter__(self) -> Coroutine[Any, Any, AsyncPooledConnection]:
+            # The caller awaits _getconn itself: one coroutine less per borrow.
+            return self._pool._getconn(self._lane, self._timeout, 1, self)
+
+    else:
+
+        def __aenter__(self) -> AsyncPooledConnection:
+            return self._pool._getconn(self._lane, self._timeout, 2, self)
 
     async def __aexit__(
         self,
