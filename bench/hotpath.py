@@ -6,15 +6,16 @@ Times `with pool.connection(): pass` with the defaults (validation on borrow and
 leak detection on), then each piece of that path on its own: the liveness test,
 the lock, the core's decision, undoing client-side changes; the rest is
 making and detaching the handle (the cost of "a returned handle is dead") and
-the calls between. Then the same
-borrow with validation off and with leak detection off. Best of 5 runs; no
-query is sent. Run from the repository root. `--profile` instead runs the
-borrow under pyinstrument (in the `bench` extra) and prints its call tree.
+the calls between. Then the same borrow with validation off and with leak
+detection off, and the asyncio pool's borrow. Best of 5 runs; no query is sent.
+Run from the repository root. `--profile` instead runs the borrow under
+pyinstrument (in the `bench` extra) and prints its call tree.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pgwarden import Pool
+from pgwarden import AsyncPool, Pool
 from pgwarden.embedded import EmbeddedPostgres
 
 
@@ -45,6 +46,25 @@ def borrow(pool: Pool) -> Callable[[], None]:
             pass
 
     return once
+
+
+async def abest_of(pool: AsyncPool, n: int, runs: int = 5) -> float:
+    """`best_of()` for an `AsyncPool`'s `async with pool.connection()`."""
+    best = float("inf")
+    for run in range(runs + 1):  # the first one warms up
+        t0 = time.perf_counter()
+        for _ in range(n):
+            async with pool.connection():
+                pass
+        if run:
+            best = min(best, (time.perf_counter() - t0) / n * 1e6)
+    return best
+
+
+async def asyncio_borrow(dsn: str, n: int) -> float:
+    async with AsyncPool(dsn, min_size=4, max_size=4) as pool:
+        await pool.wait()
+        return await abest_of(pool, n)
 
 
 def main() -> None:
@@ -89,6 +109,8 @@ def main() -> None:
                 pool.wait()
                 took = best_of(borrow(pool), n)
                 print(f"borrow + return, {label:24s} {took:6.2f} µs")
+        took = asyncio.run(asyncio_borrow(pg.dsn(), n))
+        print(f"borrow + return, {'asyncio, defaults':24s} {took:6.2f} µs")
 
 
 def profile(n: int) -> None:
