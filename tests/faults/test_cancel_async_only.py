@@ -522,6 +522,39 @@ async def test_pool_used_from_a_loop_in_another_thread_refuses(
         await acheck_pool(pool, admin)
 
 
+def test_pool_whose_loop_moved_to_another_thread_refuses_this_one(
+    dsn: str, admin: Any
+) -> None:
+    """Scenario 31: a pool opened in a loop that now runs in another thread
+    refuses a borrow from this thread's loop, even while its own loop is busy
+    with a task (the thread that counts is the one running the loop now)."""
+    loop = asyncio.new_event_loop()
+    pool = small_pool(dsn)
+    loop.run_until_complete(pool.open(wait=True))
+    busy, stop = threading.Event(), threading.Event()
+
+    async def hold_the_loop() -> None:
+        busy.set()
+        stop.wait(10)  # blocking: this task stays the one its loop runs
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(hold_the_loop(),))
+    thread.start()
+    try:
+        assert busy.wait(5)
+
+        async def borrow() -> None:
+            await pool.getconn()
+
+        with pytest.raises(PoolClosed, match="another event loop"):
+            asyncio.run(borrow())
+    finally:
+        stop.set()
+        thread.join(10)
+        loop.run_until_complete(pool.close())
+        loop.close()
+    assert pool.stats().borrowed_total == 0
+
+
 def test_pool_closed_in_one_loop_says_so_in_another(dsn: str, admin: Any) -> None:
     """Scenario 31: a pool closed in one event loop, then used from another,
     raises a clear `PoolClosed`, and can't be reopened there."""

@@ -1175,28 +1175,67 @@ def test_borrow_outliving_the_stranded_limit_gets_another_connection(
 
 
 def test_give_back_outliving_the_stranded_limit_ends_cleanly(
-    dsn: str, admin: Any, monkeypatch: pytest.MonkeyPatch
+    dsn: str,
+    admin: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A give-back that outlives the stranded limit anyway (here held at the
     rollback) has its connection dropped under it: the rollback fails on the
-    cut socket, the transaction is not committed, nothing is released twice."""
+    cut socket, the transaction is not committed, nothing is released twice,
+    and only the drop is reported (no lost connection, no failed reset)."""
+    caplog.set_level(logging.INFO, logger="pgwarden")
     monkeypatch.setattr(_core, "STRANDED_AFTER", 0.0)
     admin.execute("CREATE TABLE t (x int)")
-    with small_pool(dsn, min_size=1, max_size=1, validation_timeout=0.2) as pool:
+    with small_pool(
+        dsn,
+        min_size=1,
+        max_size=1,
+        validation_timeout=0.2,
+        leak_detection_threshold=0.1,
+    ) as pool:
 
         def hold(entry: Entry) -> Any:
             return wait_until(lambda: pool.stats().reclaimed_total == 1, timeout=5)
 
         conn = pool.getconn()
         conn.execute("INSERT INTO t VALUES (1)")
+        wait_until(lambda: pool.stats().leaks_total == 1)
         pool._seams = {"rollback": hold}
         pool.putconn(conn)
         pool._seams = None
-        assert pool.stats().in_use == 0
+        stats = pool.stats()
+        assert stats.in_use == 0
+        assert stats.connections_lost_total == 0, stats
         with pool.connection(timeout=5) as conn:
             assert query_pid(conn)
         check_pool(pool, admin)
     assert count(admin, "SELECT count(*) FROM t") == 0
+    assert len(logged(caplog, "between hands", logging.WARNING)) == 1
+    assert not logged(caplog, "resetting a connection", logging.WARNING)
+    assert not logged(caplog, "was given back after", logging.INFO)
+
+
+def test_borrow_validated_after_its_drop_gets_another_connection(
+    dsn: str, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A borrow whose validation query succeeds only after its connection was
+    dropped as stranded does not hand that connection out: it takes another."""
+    monkeypatch.setattr(_core, "STRANDED_AFTER", 0.0)
+    with small_pool(dsn, min_size=1, max_size=1, validation_timeout=0.2) as pool:
+        pool.wait(5)
+        (first,) = [c.pid for c in pool.describe()]
+        validate = pool._run_validation
+
+        def slow_validation(conn: Any, timeout: float) -> None:
+            monkeypatch.setattr(pool, "_run_validation", validate)  # once
+            wait_until(lambda: pool.stats().reclaimed_total == 1, timeout=5)
+
+        monkeypatch.setattr(pool, "_run_validation", slow_validation)
+        force_validation(pool)
+        with pool.connection(timeout=5) as conn:
+            assert query_pid(conn) != first
+        check_pool(pool, admin)
 
 
 def test_max_lifetime_retires_connections_on_return_never_on_loan(

@@ -52,10 +52,11 @@ ALIVE_BYPASS_WINDOW = 0.5
 ROTATION = 2
 
 # A borrowed connection with no handle attached is between hands: being lent
-# (liveness test, validation query) or given back (rollback, reset query).
-# Past this many seconds beyond two validation timeouts, no honest hand-over
-# is still running: a KeyboardInterrupt stopped one halfway, and the pool
-# drops the connection rather than lose its slot for good.
+# (liveness test, validation query) or given back (rollback, reset query),
+# each step bounded by validation_timeout. Past this many seconds beyond two
+# validation timeouts, a hand-over is normally long over: a KeyboardInterrupt
+# stopped this one halfway, and the pool drops the connection rather than lose
+# its slot for good.
 STRANDED_AFTER = 30.0
 
 # While the server is known to be unreachable, a caller waits at most this long.

@@ -481,6 +481,8 @@ class Pool:
             # it is no evidence against it or the server.
             self._drop(entry, "cancelled")
             raise
+        if entry.state != _core.BUSY:  # dropped as stranded meanwhile: retry
+            return False
         entry.last_ok = entry.last_checked = monotonic()
         self._core.validation_passed()
         return True
@@ -583,7 +585,7 @@ class Pool:
             entry.abandoned = True
             return False
         if status not in _RESETTABLE:
-            if conn.broken:  # the server or the network ended it
+            if conn.broken and entry.state == _core.BUSY:  # not dropped as stranded
                 with self._lock:
                     self._core.lost(monotonic())
             return False
@@ -608,11 +610,13 @@ class Pool:
                 conn.execute(self._reset_query)
                 conn.set_autocommit(False)
         except Exception as ex:
-            logger.warning(
-                "resetting a connection given back to pool %r failed (%s); closing it",
-                self.name,
-                self._redact(str(ex)),
-            )
+            if entry.state == _core.BUSY:  # else dropped as stranded, and reported
+                logger.warning(
+                    "resetting a connection given back to pool %r failed (%s);"
+                    " closing it",
+                    self.name,
+                    self._redact(str(ex)),
+                )
             return False
         finally:
             conn._pgw_timeout = self._query_timeout
@@ -641,6 +645,7 @@ class Pool:
                     entry.conn._pgw_restore()
                 except Exception as ex:  # a psycopg this pool doesn't know
                     failure, reusable = ex, False
+            late = entry.state != _core.BUSY  # dropped as stranded meanwhile
             waiter = core.release(entry, now, reusable)
             if core._to_close:
                 self._after_change_locked()
@@ -656,7 +661,7 @@ class Pool:
             if self._seams:
                 self._at_seam_now("assign", entry)
             waiter.wake()
-        if entry.leak_reported:
+        if entry.leak_reported and not late:
             logger.info("%s", _messages.unleak_message(entry, self.name, now))
         if drained and self._drained is not None:
             self._drained.set()
@@ -777,6 +782,7 @@ class Pool:
                     served.append(core.discard(entry, "stranded", now))
             act = core.maintain(now)
             self._start_connects(act.connects)
+            drained = core.closed and not core.busy
             delay = self._tick
             if (
                 core.size < core.min_size or core.n_waiting
@@ -785,6 +791,8 @@ class Pool:
         for waiter in served:
             if waiter is not None:
                 waiter.wake()
+        if drained and self._drained is not None:
+            self._drained.set()
         for report in reports:
             logger.warning("%s", report)
         for entry in act.leaks:

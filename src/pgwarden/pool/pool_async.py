@@ -97,7 +97,6 @@ class AsyncPool:
         self._reopen_after_fork = False
         if True:  # ASYNC
             self._loop: asyncio.AbstractEventLoop | None = None
-            self._loop_thread = 0  # the thread running self._loop
             self._core.rotation = 1  # a stack: see _core.ROTATION
         self._tasks: set[Any] = set()
         self._wakeup: AEvent | None = None  # nudges the maintenance loop
@@ -134,7 +133,6 @@ class AsyncPool:
         if not self._opened:
             if True:  # ASYNC
                 self._loop = asyncio.get_running_loop()
-                self._loop_thread = threading.get_ident()
             self._opened = True
             self._wakeup = AEvent()
             self._ready = AEvent()
@@ -322,10 +320,13 @@ class AsyncPool:
             await self.open()
         if True:  # ASYNC
             # The borrower, for leak reports: the task our loop is running,
-            # if we run in our loop's thread. Asking for the running loop
-            # instead costs a system call per borrow on Python 3.11 (getpid).
+            # if we run in the thread running our loop (asyncio's loops say
+            # which; others take the long way). Asking for the running loop
+            # costs a system call per borrow on Python 3.11 (getpid).
             holder = asyncio.current_task(self._loop)
-            if holder is None or threading.get_ident() != self._loop_thread:
+            if holder is None or threading.get_ident() != getattr(
+                self._loop, "_thread_id", None
+            ):
                 if asyncio.get_running_loop() is not self._loop:
                     raise PoolClosed(
                         f"pool {self.name!r} was opened in another event loop:"
@@ -527,6 +528,8 @@ class AsyncPool:
             # it is no evidence against it or the server.
             self._drop(entry, "cancelled")
             raise
+        if entry.state != _core.BUSY:  # dropped as stranded meanwhile: retry
+            return False
         entry.last_ok = entry.last_checked = monotonic()
         self._core.validation_passed()
         return True
@@ -631,7 +634,7 @@ class AsyncPool:
             entry.abandoned = True
             return False
         if status not in _RESETTABLE:
-            if conn.broken:  # the server or the network ended it
+            if conn.broken and entry.state == _core.BUSY:  # not dropped as stranded
                 with self._lock:
                     self._core.lost(monotonic())
             return False
@@ -656,11 +659,13 @@ class AsyncPool:
                 await conn.execute(self._reset_query)
                 await conn.set_autocommit(False)
         except Exception as ex:
-            logger.warning(
-                "resetting a connection given back to pool %r failed (%s); closing it",
-                self.name,
-                self._redact(str(ex)),
-            )
+            if entry.state == _core.BUSY:  # else dropped as stranded, and reported
+                logger.warning(
+                    "resetting a connection given back to pool %r failed (%s);"
+                    " closing it",
+                    self.name,
+                    self._redact(str(ex)),
+                )
             return False
         finally:
             conn._pgw_timeout = self._query_timeout
@@ -689,6 +694,7 @@ class AsyncPool:
                     entry.conn._pgw_restore()
                 except Exception as ex:  # a psycopg this pool doesn't know
                     failure, reusable = ex, False
+            late = entry.state != _core.BUSY  # dropped as stranded meanwhile
             waiter = core.release(entry, now, reusable)
             if core._to_close:
                 self._after_change_locked()
@@ -704,7 +710,7 @@ class AsyncPool:
             if self._seams:
                 self._at_seam_now("assign", entry)
             waiter.wake()
-        if entry.leak_reported:
+        if entry.leak_reported and not late:
             logger.info("%s", _messages.unleak_message(entry, self.name, now))
         if drained and self._drained is not None:
             self._drained.set()
@@ -834,6 +840,7 @@ class AsyncPool:
                     served.append(core.discard(entry, "stranded", now))
             act = core.maintain(now)
             self._start_connects(act.connects)
+            drained = core.closed and not core.busy
             delay = self._tick
             if (
                 core.size < core.min_size or core.n_waiting
@@ -842,6 +849,8 @@ class AsyncPool:
         for waiter in served:
             if waiter is not None:
                 waiter.wake()
+        if drained and self._drained is not None:
+            self._drained.set()
         for report in reports:
             logger.warning("%s", report)
         for entry in act.leaks:
