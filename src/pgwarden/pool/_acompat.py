@@ -53,9 +53,9 @@ class AWaiter(_WaiterBase):
 
     __slots__ = ("fut", "timer")
 
-    def __init__(self, lane: Lane) -> None:
+    def __init__(self, lane: Lane, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(lane)
-        self.fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.fut: asyncio.Future[None] = loop.create_future()
         self.timer: asyncio.TimerHandle | None = None
 
     def accepts(self) -> bool:

@@ -416,7 +416,13 @@ class AsyncPool:
         self, lane: Lane, now: float, deadline: float, started: float
     ) -> AWaiter:
         """Queue a waiter (under the lock) and start the connects it needs."""
-        waiter = AWaiter(lane)
+        if True:  # ASYNC
+            # The pool's loop, checked by _getconn: asking for the running
+            # one costs a system call on Python 3.11 (getpid).
+            assert self._loop is not None
+            waiter = AWaiter(lane, self._loop)
+        else:
+            waiter = AWaiter(lane)
         waiter.started = started
         try:
             self._core.enqueue(waiter, now, deadline)
@@ -463,7 +469,8 @@ class AsyncPool:
 
         def _arm(self, waiter: AWaiter) -> None:
             delay = min(waiter.deadline - monotonic(), _core.FAST_FAIL_WAIT)
-            loop = asyncio.get_running_loop()
+            loop = self._loop  # the running one: see _enqueue
+            assert loop is not None
             waiter.timer = loop.call_later(max(delay, 0.0), self._on_timer, waiter)
 
         def _on_timer(self, waiter: AWaiter) -> None:
