@@ -773,13 +773,16 @@ class Pool:
             # its connection between hands: drop it, don't close it (should
             # its caller still be inside, it fails cleanly on the cut socket).
             limit = _core.STRANDED_AFTER + 2 * self.config.validation_timeout
-            for entry in [e for e in core.entries if e.state == _core.BUSY]:
-                if _stranded(entry, now, limit):
-                    reports.append(_messages.stranded_message(entry, self.name, now))
-                    core.reclaimed_total += 1
-                    entry.abandoned = True
-                    shutdown_socket(entry.conn.pgconn)
-                    served.append(core.discard(entry, "stranded", now))
+            stranded = [
+                e
+                for e in core.entries
+                if e.state == _core.BUSY and _stranded(e, now, limit)
+            ]
+            for entry in stranded:
+                reports.append(_messages.stranded_message(entry, self.name, now))
+                core.reclaimed_total += 1
+                entry.abandoned = True
+                served.append(core.discard(entry, "stranded", now))
             act = core.maintain(now)
             self._start_connects(act.connects)
             drained = core.closed and not core.busy
@@ -788,6 +791,8 @@ class Pool:
                 core.size < core.min_size or core.n_waiting
             ) and core.next_connect_at > now:
                 delay = min(delay, core.next_connect_at - now)
+        for entry in stranded:
+            shutdown_socket(entry.conn.pgconn)
         for waiter in served:
             if waiter is not None:
                 waiter.wake()
