@@ -67,17 +67,18 @@ def test_child_never_uses_or_gives_back_the_parents_loan(dsn: str, admin: Any) -
             if pid == 0:  # the child leaves the block with the parent's loan
                 report = ""
                 try:
-                    try:
-                        with pool.connection(timeout=5):
-                            pass
-                    except BaseException as ex:
-                        report = f"inner: {ex!r}"
-                    conn.execute("SELECT 1")
-                    report = "used the parent's session"
-                except ConnectionReturned:
-                    report = "refused"
+                    with pool.connection(timeout=5):  # its own, new connection
+                        pass
                 except BaseException as ex:
-                    report = f"error: {ex!r}"
+                    report = f"inner: {ex!r}"
+                else:
+                    try:
+                        conn.execute("SELECT 1")
+                        report = "used the parent's session"
+                    except ConnectionReturned:
+                        report = "refused"
+                    except BaseException as ex:
+                        report = f"error: {ex!r}"
                 finally:
                     os.write(write, report.encode())
                     os._exit(0)

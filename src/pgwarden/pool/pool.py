@@ -244,7 +244,7 @@ class Pool:
         self._reopen_after_fork = self._opened and not self._core.closed
         self._opened = False
         for entry in self._core.entries:
-            if entry.handle is not None and entry.handle._pgw_entry is entry:
+            if _on_loan(entry):
                 _kill(entry.handle)  # the parent's session: not for the child
         rotation = self._core.rotation
         self._core = _new_core(self.config)
@@ -382,9 +382,8 @@ class Pool:
         """A borrow was interrupted (KeyboardInterrupt...) before it handed
         `entry` out: close it rather than lose its slot."""
         if entry.state == _core.BUSY:
-            handle = entry.handle
-            if handle is not None and handle._pgw_entry is entry:
-                _kill(handle)
+            if _on_loan(entry):
+                _kill(entry.handle)
             self._drop(entry, "cancelled")
 
     def _enqueue(
@@ -645,7 +644,6 @@ class Pool:
                     entry.conn._pgw_restore()
                 except Exception as ex:  # a psycopg this pool doesn't know
                     failure, reusable = ex, False
-            late = entry.state != _core.BUSY  # dropped as stranded meanwhile
             waiter = core.release(entry, now, reusable)
             if core._to_close:
                 self._after_change_locked()
@@ -661,7 +659,7 @@ class Pool:
             if self._seams:
                 self._at_seam_now("assign", entry)
             waiter.wake()
-        if entry.leak_reported and not late:
+        if entry.leak_reported:
             logger.info("%s", _messages.unleak_message(entry, self.name, now))
         if drained and self._drained is not None:
             self._drained.set()
@@ -758,10 +756,7 @@ class Pool:
             reclaimed = [
                 e
                 for e in core.entries
-                if e.state == _core.BUSY
-                and e.handle is not None
-                and e.handle._pgw_entry is e
-                and getrefcount(e.handle) == 2
+                if e.state == _core.BUSY and _on_loan(e) and getrefcount(e.handle) == 2
             ]
             reports = [_messages.reclaim_message(e, self.name, now) for e in reclaimed]
             served = []
@@ -782,6 +777,7 @@ class Pool:
                 reports.append(_messages.stranded_message(entry, self.name, now))
                 core.reclaimed_total += 1
                 entry.abandoned = True
+                entry.leak_reported = False  # reported here: no "came back" later
                 served.append(core.discard(entry, "stranded", now))
             act = core.maintain(now)
             self._start_connects(act.connects)
@@ -884,11 +880,15 @@ def _kill(handle: PooledConnection) -> None:
     handle.__class__ = ReturnedConnection
 
 
+def _on_loan(entry: Entry) -> bool:
+    """Whether the entry's handle is attached: its borrower has it."""
+    return entry.handle is not None and entry.handle._pgw_entry is entry
+
+
 def _stranded(entry: Entry, now: float, limit: float) -> bool:
     """Whether a borrowed connection has been between hands for over `limit` s."""
-    handle = entry.handle
-    if handle is not None and handle._pgw_entry is entry:
-        return False  # on loan
+    if _on_loan(entry):
+        return False
     # Being lent since held_since, or being given back since returned_at.
     return now - max(entry.held_since, entry.returned_at) > limit
 
