@@ -54,7 +54,6 @@ NAMES = {
     "await_until": "wait_until",
     "acheck_pool": "check_pool",
     "acheck_closed": "check_closed",
-    "wait_async": "wait",
     "connection_async": "connection",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",

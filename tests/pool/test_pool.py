@@ -317,6 +317,54 @@ def test_query_timeout_when_the_server_stops_answering(
             assert query_pid(conn) != pid
 
 
+def test_query_timeout_counts_from_the_start_of_each_query(dsn: str) -> None:
+    # Short queries first: each wait's limit starts with its own query, so the
+    # long one gets its full query_timeout, however long the connection was busy.
+    with small_pool(dsn, min_size=1, max_size=1, query_timeout=1.0) as pool:
+        with pool.connection() as conn:
+            busy_until = time.monotonic() + 0.7
+            while time.monotonic() < busy_until:
+                conn.execute("SELECT 1")
+            t0 = time.monotonic()
+            with pytest.raises(QueryTimeout):
+                conn.execute("SELECT pg_sleep(5)")
+            elapsed = time.monotonic() - t0
+        assert 0.9 <= elapsed < 2.0, elapsed
+
+
+def test_a_query_too_big_for_the_socket_buffer_goes_through(dsn: str) -> None:
+    big = "x" * (20 * 1024 * 1024)  # the socket is not writable at once
+    with small_pool(dsn, min_size=1, max_size=1, query_timeout=30) as pool:
+        with pool.connection() as conn:
+            cur = conn.execute("SELECT length(%s)", (big,))
+            assert cur.fetchone() == (len(big),)
+
+
+def test_waiting_for_notifications_is_not_a_query(dsn: str) -> None:
+    with small_pool(dsn, min_size=2, max_size=2, query_timeout=0.3) as pool:
+        with pool.connection() as conn:
+            conn.set_autocommit(True)
+            conn.execute("LISTEN pgwarden_test")
+            pid = query_pid(conn)
+            # The caller's own timeout ends the wait quietly, as in psycopg.
+            t0 = time.monotonic()
+            assert [n for n in conn.notifies(timeout=0.8)] == []
+            assert time.monotonic() - t0 >= 0.7
+
+            def notify_later() -> None:
+                asleep(0.8)
+                with pool.connection() as other:
+                    other.execute("NOTIFY pgwarden_test, 'hello'")
+
+            def listen() -> list[str]:
+                return [n.payload for n in conn.notifies(stop_after=1)]
+
+            # No timeout: waits past query_timeout for the notification.
+            got, _ = run_all([listen, notify_later])
+            assert got == ["hello"]
+            assert query_pid(conn) == pid
+
+
 def test_pool_timeout_names_holders_and_usage(dsn: str) -> None:
     with small_pool(dsn, min_size=1, max_size=2) as pool:
         line = sys._getframe().f_lineno + 1

@@ -336,6 +336,54 @@ async def test_query_timeout_when_the_server_stops_answering(
             assert await query_pid(conn) != pid
 
 
+async def test_query_timeout_counts_from_the_start_of_each_query(dsn: str) -> None:
+    # Short queries first: each wait's limit starts with its own query, so the
+    # long one gets its full query_timeout, however long the connection was busy.
+    async with small_pool(dsn, min_size=1, max_size=1, query_timeout=1.0) as pool:
+        async with pool.connection() as conn:
+            busy_until = time.monotonic() + 0.7
+            while time.monotonic() < busy_until:
+                await conn.execute("SELECT 1")
+            t0 = time.monotonic()
+            with pytest.raises(QueryTimeout):
+                await conn.execute("SELECT pg_sleep(5)")
+            elapsed = time.monotonic() - t0
+        assert 0.9 <= elapsed < 2.0, elapsed
+
+
+async def test_a_query_too_big_for_the_socket_buffer_goes_through(dsn: str) -> None:
+    big = "x" * (20 * 1024 * 1024)  # the socket is not writable at once
+    async with small_pool(dsn, min_size=1, max_size=1, query_timeout=30) as pool:
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT length(%s)", (big,))
+            assert await cur.fetchone() == (len(big),)
+
+
+async def test_waiting_for_notifications_is_not_a_query(dsn: str) -> None:
+    async with small_pool(dsn, min_size=2, max_size=2, query_timeout=0.3) as pool:
+        async with pool.connection() as conn:
+            await conn.set_autocommit(True)
+            await conn.execute("LISTEN pgwarden_test")
+            pid = await query_pid(conn)
+            # The caller's own timeout ends the wait quietly, as in psycopg.
+            t0 = time.monotonic()
+            assert [n async for n in conn.notifies(timeout=0.8)] == []
+            assert time.monotonic() - t0 >= 0.7
+
+            async def notify_later() -> None:
+                await asleep(0.8)
+                async with pool.connection() as other:
+                    await other.execute("NOTIFY pgwarden_test, 'hello'")
+
+            async def listen() -> list[str]:
+                return [n.payload async for n in conn.notifies(stop_after=1)]
+
+            # No timeout: waits past query_timeout for the notification.
+            got, _ = await run_all([listen, notify_later])
+            assert got == ["hello"]
+            assert await query_pid(conn) == pid
+
+
 async def test_pool_timeout_names_holders_and_usage(dsn: str) -> None:
     async with small_pool(dsn, min_size=1, max_size=2) as pool:
         line = sys._getframe().f_lineno + 1

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import errors as e
-from psycopg import waiting
+from psycopg import generators, waiting
 from psycopg.abc import RV, PQGen
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 # How often a wait wakes up to notice interrupts (as psycopg does).
 _WAIT_INTERVAL = 0.1
+
+# Waiting for notifications (`notifies()`) is not a query: no query_timeout.
+_NOTIFIES = generators.notifies.__code__
 
 # psycopg's default, which pooled connections are opened with.
 PREPARE_THRESHOLD = 5
@@ -59,15 +62,20 @@ class PooledConnection(psycopg.Connection[Any]):
         interval: float = _WAIT_INTERVAL,
         timeout: float | None = None,
     ) -> RV:
-        if timeout is None:
-            timeout = self._pgw_timeout
+        # `timeout` is the caller's own (notifies(timeout=...)): psycopg expects
+        # its expiry and handles it.
+        limit = timeout
+        if limit is None and getattr(gen, "gi_code", None) is not _NOTIFIES:
+            limit = self._pgw_timeout
         pgconn = self.pgconn  # the handle may be detached while this runs
         try:
-            return waiting.wait(gen, pgconn.socket, interval=interval, timeout=timeout)
+            return waiting.wait(gen, pgconn.socket, interval=interval, timeout=limit)
         except e._WaitTimeout:
+            if timeout is not None:
+                raise
             self._pgw_abort(pgconn)
             raise QueryTimeout(
-                f"the query ran longer than {timeout:g} s (query_timeout) and was"
+                f"the query ran longer than {limit:g} s (query_timeout) and was"
                 " cancelled; its connection was closed"
                 f" (pool {self.__dict__.get('_pgw_pool')!r})"
             ) from None

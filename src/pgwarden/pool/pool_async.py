@@ -49,6 +49,8 @@ if True:  # ASYNC
     import threading
     from collections.abc import Coroutine
 
+    from ._waiting import Alarm
+
 logger = logging.getLogger("pgwarden.pool")
 
 _IDLE = TransactionStatus.IDLE
@@ -764,6 +766,8 @@ class AsyncPool:
         conn._pgw_entry = None
         conn._pgw_timeout = self._query_timeout
         conn._pgw_pool = self.name
+        if True:  # ASYNC
+            conn._pgw_alarm = Alarm()
         # psycopg only tests `_pool` for presence (its type depends on whether
         # psycopg_pool is installed); a weak reference avoids a cycle.
         conn.__dict__["_pool"] = self._ref

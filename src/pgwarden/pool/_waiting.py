@@ -1,0 +1,160 @@
+"""How a pooled asyncio connection waits for its socket.
+
+psycopg's `wait_async()` arms a timer for every wait, to wake up at its
+interrupt interval, and a query makes two or three waits (BEGIN, the query,
+COMMIT). Creating, scheduling and cancelling a timer costs more than the rest
+of a wait; under load, the cancelled timers also crowd the event loop's heap.
+An asyncio wait needs no interrupt interval (the loop delivers Ctrl-C by
+cancelling the task), so the only timer left is the one enforcing a timeout,
+and one per connection serves all of its waits: see `Alarm`.
+
+Measured with 64 tasks over 4 connections (`bench/run.py`): 30 % less client
+CPU per `SELECT 1` than the same pool waiting with psycopg's function.
+"""
+
+from __future__ import annotations
+
+import select
+from asyncio import AbstractEventLoop, Future, TimerHandle, get_running_loop, sleep
+from time import monotonic
+
+from psycopg import errors as e
+from psycopg import waiting
+from psycopg.abc import RV, PQGen
+from psycopg.waiting import READY_NONE, READY_R, READY_W, WAIT_R, WAIT_W
+
+# As psycopg: how long waits that never block (a socket always writable, a
+# generator done at once) may keep the event loop busy before yielding to it.
+MAX_BUSY_TIME = 0.005
+
+_last_yield = 0.0
+
+
+def _ready_poll(fileno: int, wait: int) -> int:
+    """Which of `wait`'s events the socket has now, without blocking."""
+    r, w, _ = select.select(
+        [fileno] if wait & WAIT_R else [], [fileno] if wait & WAIT_W else [], [], 0
+    )
+    return (READY_R if r else 0) | (READY_W if w else 0)
+
+
+# psycopg's own (in C when available); a select() call otherwise.
+_ready = getattr(waiting, "_ready", _ready_poll)
+
+
+class Alarm:
+    """The timeout of one connection's waits, with one timer for all of them.
+
+    The timer is armed for the first wait's deadline and left armed when the
+    wait ends. A later wait, due later, keeps it: when the timer goes off early
+    it re-arms itself for the deadline of the wait in progress, if any. So a
+    connection busy with short queries schedules about one timer per timeout
+    period instead of one per wait; a wait due sooner than the armed timer
+    (a shorter timeout) replaces it.
+    """
+
+    __slots__ = ("_deadline", "_fut", "_loop", "_timer", "_timer_at")
+
+    def __init__(self) -> None:
+        self._fut: Future[int] | None = None  # the wait in progress
+        self._deadline = 0.0  # its deadline, in the loop's time
+        self._loop: AbstractEventLoop | None = None
+        self._timer: TimerHandle | None = None
+        self._timer_at = 0.0
+
+    def set(self, loop: AbstractEventLoop, fut: Future[int], deadline: float) -> None:
+        """Resolve `fut` with READY_NONE at `deadline` unless it is done first."""
+        self._fut = fut
+        self._deadline = deadline
+        if self._timer is None or self._timer_at > deadline or self._loop is not loop:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._loop = loop
+            self._timer_at = deadline
+            self._timer = loop.call_at(deadline, self._ring)
+
+    def clear(self) -> None:
+        """The wait is over (its timer stays armed for the next one)."""
+        self._fut = None
+
+    def _ring(self) -> None:
+        self._timer = None
+        fut = self._fut
+        if fut is None or fut.done():
+            return
+        loop = self._loop
+        assert loop is not None
+        if loop.time() >= self._deadline:
+            fut.set_result(READY_NONE)
+        else:  # armed for an earlier wait: now for this one
+            self._timer_at = self._deadline
+            self._timer = loop.call_at(self._deadline, self._ring)
+
+
+def _wake(fut: Future[int], ready: int) -> None:
+    if not fut.done():
+        fut.set_result(ready)
+
+
+async def wait_async(
+    gen: PQGen[RV], fileno: int, alarm: Alarm, timeout: float | None
+) -> RV:
+    """Run psycopg's generator `gen` to completion on the socket `fileno`.
+
+    Raise psycopg's `_WaitTimeout` if it takes longer than `timeout` seconds
+    (None: no limit), as `psycopg.waiting.wait_async()` does.
+    """
+    global _last_yield
+    try:
+        s = next(gen)
+    except StopIteration as ex:
+        if monotonic() - _last_yield >= MAX_BUSY_TIME:
+            await sleep(0)
+            _last_yield = monotonic()
+        rv: RV = ex.value
+        return rv
+
+    loop = get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    try:
+        while True:
+            if s & WAIT_W:
+                # A socket asked for writing is nearly always writable: a poll
+                # costs less than a round of the event loop.
+                if monotonic() - _last_yield >= MAX_BUSY_TIME:
+                    await sleep(0)
+                    _last_yield = monotonic()
+                ready = _ready(fileno, s)
+                if ready:
+                    s = gen.send(ready)
+                    if deadline is not None and loop.time() >= deadline:
+                        raise e._WaitTimeout("wait timeout expired")
+                    continue
+
+            fut: Future[int] = loop.create_future()
+            if s & WAIT_R:
+                loop.add_reader(fileno, _wake, fut, READY_R)
+            if s & WAIT_W:
+                loop.add_writer(fileno, _wake, fut, READY_W)
+            if deadline is not None:
+                alarm.set(loop, fut, deadline)
+            try:
+                ready = await fut
+            finally:
+                alarm.clear()
+                if s & WAIT_R:
+                    loop.remove_reader(fileno)
+                if s & WAIT_W:
+                    loop.remove_writer(fileno)
+                _last_yield = monotonic()
+            if not ready:
+                raise e._WaitTimeout("wait timeout expired")
+            s = gen.send(ready)
+            if deadline is not None and loop.time() >= deadline:
+                raise e._WaitTimeout("wait timeout expired")
+    except OSError as ex:
+        # add_reader() on a socket libpq has closed: the connection is gone.
+        raise e.OperationalError("connection socket closed") from ex
+    except StopIteration as ex:
+        rv = ex.value
+        return rv
