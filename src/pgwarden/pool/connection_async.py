@@ -9,7 +9,8 @@ so a stale handle can never run on a connection that now belongs to someone else
 Every operation goes through `wait()`, which enforces the pool's client-side
 `query_timeout`: a query that outlives it has its connection closed at once
 (the server is asked to cancel it in the background) and the caller gets
-`QueryTimeout`. A task cancelled mid-query is treated the same way.
+`QueryTimeout`. A task cancelled mid-query is treated the same way. Waiting
+for notifications is not a query: `notifies()` keeps psycopg's behaviour.
 """
 
 from __future__ import annotations
