@@ -352,7 +352,8 @@ async def test_query_timeout_counts_from_the_start_of_each_query(dsn: str) -> No
 
 
 async def test_a_query_too_big_for_the_socket_buffer_goes_through(dsn: str) -> None:
-    big = "x" * (20 * 1024 * 1024)  # the socket is not writable at once
+    # Larger than the socket's buffer: psycopg waits for it to be writable.
+    big = "x" * (20 * 1024 * 1024)
     async with small_pool(dsn, min_size=1, max_size=1, query_timeout=30) as pool:
         async with pool.connection() as conn:
             cur = await conn.execute("SELECT length(%s)", (big,))
@@ -382,6 +383,9 @@ async def test_waiting_for_notifications_is_not_a_query(dsn: str) -> None:
             got, _ = await run_all([listen, notify_later])
             assert got == ["hello"]
             assert await query_pid(conn) == pid
+            # Queries keep their limit.
+            with pytest.raises(QueryTimeout):
+                await conn.execute("SELECT pg_sleep(5)")
 
 
 async def test_pool_timeout_names_holders_and_usage(dsn: str) -> None:

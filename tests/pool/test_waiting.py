@@ -1,29 +1,127 @@
-"""The asyncio pool's wait timer (`Alarm`), on a real event loop, no server."""
+"""The asyncio pool's wait (`wait_async`, `Alarm`) on a real event loop and a
+socket pair; no server."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Generator, Iterator
+from typing import Any
 
-from psycopg.waiting import READY_NONE, READY_R
+import pytest
+from psycopg import errors as e
+from psycopg.waiting import READY_NONE, READY_R, WAIT_R
 
-from pgwarden.pool._waiting import Alarm
+from pgwarden.pool._waiting import Alarm, wait_async
+
+
+@pytest.fixture
+def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def read_one(sock: socket.socket) -> Generator[int, int, bytes]:
+    """A psycopg-style generator: wait until readable, then read."""
+    while not (yield WAIT_R):
+        pass
+    return sock.recv(10)
+
+
+def count_timers(loop: asyncio.AbstractEventLoop, alarm: Alarm) -> list[float]:
+    """Record the timers `alarm` schedules on `loop` from now on."""
+    calls: list[float] = []
+    call_at = loop.call_at
+
+    def counting(when: float, callback: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(callback, "__self__", None) is alarm:
+            calls.append(when)
+        return call_at(when, callback, *args, **kwargs)
+
+    loop.call_at = counting  # type: ignore[method-assign]
+    return calls
+
+
+def still_watched(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bool:
+    return loop.remove_reader(sock.fileno())
+
+
+async def test_a_wait_returns_what_the_generator_returns(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = sockets
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.05, b.send, b"hi")
+    assert await wait_async(read_one(a), a.fileno(), Alarm(), 5.0) == b"hi"
+    assert not still_watched(loop, a)
+
+
+async def test_a_wait_times_out_and_leaves_nothing_behind(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    a, _ = sockets
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(e._WaitTimeout):
+        await wait_async(read_one(a), a.fileno(), Alarm(), 0.2)
+    assert 0.2 - 0.01 <= loop.time() - t0 < 2
+    assert not still_watched(loop, a)
+
+
+async def test_a_cancelled_wait_leaves_nothing_behind(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    a, _ = sockets
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(wait_async(read_one(a), a.fileno(), Alarm(), 30))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not still_watched(loop, a)
+
+
+async def test_a_failing_generator_and_a_bad_state_raise(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = sockets
+    loop = asyncio.get_running_loop()
+
+    def fails() -> Generator[int, int, None]:
+        yield WAIT_R
+        raise ValueError("boom")
+
+    def bad_state() -> Generator[int, int, None]:
+        yield 0
+
+    b.send(b"x")
+    with pytest.raises(ValueError, match="boom"):
+        await wait_async(fails(), a.fileno(), Alarm(), 5.0)
+    assert not still_watched(loop, a)
+    with pytest.raises(e.InternalError, match="bad poll status"):
+        await wait_async(bad_state(), a.fileno(), Alarm(), None)
 
 
 async def test_a_later_wait_keeps_the_armed_timer_and_gets_its_full_time() -> None:
     loop = asyncio.get_running_loop()
     alarm = Alarm()
+    timers = count_timers(loop, alarm)
     first = loop.create_future()
     alarm.set(loop, first, loop.time() + 0.2)
     first.set_result(READY_R)  # the socket was ready first
     alarm.clear()
-    timer = alarm._timer
+    assert len(timers) == 1
 
     second = loop.create_future()
     t0 = loop.time()
     alarm.set(loop, second, t0 + 0.6)
-    assert alarm._timer is timer  # not rescheduled
+    assert len(timers) == 1  # not rescheduled
     assert await second == READY_NONE
     assert loop.time() - t0 >= 0.6 - 0.01  # the early ring re-armed it
+    assert len(timers) == 2
     assert first.result() == READY_R
 
 
@@ -45,9 +143,27 @@ async def test_a_sooner_deadline_replaces_the_armed_timer() -> None:
 async def test_a_ring_after_the_wait_ended_changes_nothing() -> None:
     loop = asyncio.get_running_loop()
     alarm = Alarm()
+    timers = count_timers(loop, alarm)
     fut = loop.create_future()
     alarm.set(loop, fut, loop.time() + 0.05)
     alarm.clear()  # the wait ended (cancelled, say) before its deadline
     await asyncio.sleep(0.15)
     assert not fut.done()
-    assert alarm._timer is None  # rang, and did not re-arm for nobody
+    assert len(timers) == 1  # rang, and did not re-arm for nobody
+
+
+def test_an_alarm_moves_to_another_loop() -> None:
+    alarm = Alarm()
+
+    async def times_out(seconds: float) -> float:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        t0 = loop.time()
+        alarm.set(loop, fut, t0 + seconds)
+        assert await asyncio.wait_for(fut, 5) == READY_NONE
+        alarm.clear()
+        return loop.time() - t0
+
+    assert asyncio.run(times_out(0.1)) < 5
+    # The timer armed on the first loop died with it; the second loop arms its own.
+    assert asyncio.run(times_out(0.1)) < 5

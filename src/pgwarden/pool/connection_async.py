@@ -66,11 +66,10 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
         interval: float = _WAIT_INTERVAL,
         timeout: float | None = None,
     ) -> RV:
-        # `timeout` is the caller's own (notifies(timeout=...)): psycopg expects
-        # its expiry and handles it.
-        limit = timeout
-        if limit is None and getattr(gen, "gi_code", None) is not _NOTIFIES:
-            limit = self._pgw_timeout
+        # Waiting for notifications has the caller's timeout only, whose
+        # expiry psycopg expects: it ends the wait, not the connection.
+        notifying = getattr(gen, "gi_code", None) is _NOTIFIES
+        limit = timeout if timeout is not None or notifying else self._pgw_timeout
         pgconn = self.pgconn  # the handle may be detached while this runs
         try:
             if True:  # ASYNC
@@ -80,7 +79,7 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
                     gen, pgconn.socket, interval=interval, timeout=limit
                 )
         except e._WaitTimeout:
-            if timeout is not None:
+            if notifying:
                 raise
             self._pgw_abort(pgconn)
             raise QueryTimeout(
