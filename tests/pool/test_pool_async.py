@@ -598,6 +598,28 @@ async def test_handle_is_a_real_psycopg_connection(dsn: str) -> None:
             await conn.execute("SELECT 1")
 
 
+async def test_copy_and_streaming_through_a_pooled_connection(dsn: str) -> None:
+    # Several megabytes each way: many waits, for reading and for writing.
+    n = 50_000
+    async with small_pool(dsn, min_size=1, max_size=1, query_timeout=30) as pool:
+        async with pool.connection() as conn:
+            await conn.execute("CREATE TEMP TABLE copied (id int, pad text)")
+            async with conn.cursor().copy("COPY copied FROM STDIN") as copy:
+                for i in range(n):
+                    await copy.write_row((i, "x" * 100))
+            out = []
+            async with conn.cursor().copy("COPY copied TO STDOUT") as copy:
+                async for row in copy.rows():
+                    out.append(row)
+            assert len(out) == n
+            assert out[-1] == (str(n - 1), "x" * 100)
+            cur = conn.cursor()
+            total = 0
+            async for (value,) in cur.stream("SELECT generate_series(1, 20000)"):
+                total += value
+            assert total == 20000 * 20001 // 2
+
+
 async def test_client_side_settings_do_not_leak_to_the_next_borrower(dsn: str) -> None:
     async with small_pool(dsn, min_size=1, max_size=1) as pool:
         async with pool.connection() as conn:
