@@ -389,6 +389,49 @@ def test_pool_timeout_names_holders_and_usage(dsn: str) -> None:
             pool.putconn(conn)
 
 
+def test_each_waiter_times_out_at_its_own_deadline(dsn: str) -> None:
+    # Waiters queued behind one another, with the same and with different
+    # timeouts: each gets PoolTimeout at its own deadline, none sooner or much
+    # later, and one still waiting gets the connection when it comes back.
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        held = pool.getconn()
+        t0 = time.monotonic()
+
+        def borrow(after: float, timeout: float) -> tuple[str, float, float]:
+            asleep(after)
+            started = time.monotonic()
+            try:
+                conn = pool.getconn(timeout=timeout)
+            except PoolTimeout:
+                return "timeout", started - t0, time.monotonic() - started
+            pool.putconn(conn)
+            return "served", started - t0, time.monotonic() - started
+
+        def give_back_later() -> None:
+            asleep(2.5)
+            pool.putconn(held)
+
+        def call(after: float, timeout: float) -> Callable[[], Any]:
+            return lambda: borrow(after, timeout)
+
+        results = run_all(
+            [
+                call(0.0, 10.0),  # first in line: served when `held` comes back
+                call(0.1, 0.4),  # behind it, a sooner deadline
+                call(0.2, 0.4),
+                call(0.3, 0.4),
+                call(0.4, 1.5),  # a deadline past the first wait chunk (1 s)
+                give_back_later,
+            ]
+        )
+        first, *timed_out = results[:5]
+        assert first[0] == "served" and first[2] >= 2.0, first
+        for outcome, _, waited in timed_out[:3]:
+            assert outcome == "timeout" and 0.35 <= waited < 0.7, timed_out
+        outcome, _, waited = timed_out[3]
+        assert outcome == "timeout" and 1.45 <= waited < 1.8, timed_out
+
+
 def test_max_waiting_refuses_at_once(dsn: str) -> None:
     with small_pool(dsn, min_size=1, max_size=1, max_waiting=1) as pool:
         held = pool.getconn()

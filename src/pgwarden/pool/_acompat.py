@@ -51,12 +51,12 @@ class _WaiterBase:
 class AWaiter(_WaiterBase):
     """A task waiting for a connection: a future the pool resolves."""
 
-    __slots__ = ("fut", "timer")
+    __slots__ = ("check_at", "fut")
 
     def __init__(self, lane: Lane, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(lane)
         self.fut: asyncio.Future[None] = loop.create_future()
-        self.timer: asyncio.TimerHandle | None = None
+        self.check_at = 0.0  # when the pool's waiter clock looks at it next
 
     def accepts(self) -> bool:
         return not self.fut.done()

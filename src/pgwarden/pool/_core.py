@@ -372,6 +372,15 @@ class PoolCore:
             return True
         return False
 
+    def waiting(self) -> list[Waiter]:
+        """The callers waiting now, in every lane."""
+        return [
+            w
+            for lane in self.lanes.values()
+            for w in lane.waiters
+            if w.state == WAITING
+        ]
+
     def cancel_waiter(self, waiter: Waiter) -> bool:
         """Remove a waiter that gave up. False if it was already served."""
         if waiter.state != WAITING:

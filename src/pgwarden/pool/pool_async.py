@@ -100,6 +100,9 @@ class AsyncPool:
         if True:  # ASYNC
             self._loop: asyncio.AbstractEventLoop | None = None
             self._core.rotation = 1  # a stack: see _core.ROTATION
+            # One timer for all waiters (see _arm): when it goes off (monotonic).
+            self._clock: asyncio.TimerHandle | None = None
+            self._clock_at = 0.0
         self._tasks: set[Any] = set()
         self._wakeup: AEvent | None = None  # nudges the maintenance loop
         self._ready: AEvent | None = None  # set once min_size connections are open
@@ -179,6 +182,10 @@ class AsyncPool:
             to_close = core.pop_to_close()
         for w in waiters:
             w.wake()
+        if True:  # ASYNC
+            if self._clock is not None:
+                self._clock.cancel()
+                self._clock = None
         if self._wakeup is not None:
             self._wakeup.set()
         for entry, _ in to_close:
@@ -263,6 +270,8 @@ class AsyncPool:
         self._lock = Lock()
         self._tasks = set()
         self._wakeup = self._ready = self._drained = None
+        if True:  # ASYNC
+            self._clock = None  # the parent's loop's
 
     # -- borrowing ----------------------------------------------------------
 
@@ -449,9 +458,6 @@ class AsyncPool:
             except BaseException:
                 self._abandon(waiter)
                 raise
-            finally:
-                if waiter.timer is not None:
-                    waiter.timer.cancel()
         else:
             try:
                 while True:
@@ -469,14 +475,45 @@ class AsyncPool:
     if True:  # ASYNC
 
         def _arm(self, waiter: AWaiter) -> None:
-            delay = min(waiter.deadline - monotonic(), _core.FAST_FAIL_WAIT)
-            loop = self._loop  # the running one: see _enqueue
-            assert loop is not None
-            waiter.timer = loop.call_later(max(delay, 0.0), self._on_timer, waiter)
+            """Have the waiter clock look at `waiter` when its wait chunk ends.
 
-        def _on_timer(self, waiter: AWaiter) -> None:
-            if not self._expire(waiter) and waiter.state == _core.WAITING:
-                self._arm(waiter)
+            A chunk ends at the waiter's deadline or `FAST_FAIL_WAIT` from now,
+            whichever comes first. One timer serves every waiter: it is set for
+            the soonest chunk end, and a waiter queued behind others (with the
+            same timeout, the usual case) leaves it as it is. A timer per
+            waiter, created and cancelled for nearly every borrow under
+            contention, costs more than the rest of the wait.
+            """
+            now = monotonic()
+            waiter.check_at = at = now + _chunk(waiter, now)
+            if self._clock is None or at < self._clock_at:
+                self._set_clock(at, now)
+
+        def _set_clock(self, at: float, now: float) -> None:
+            if self._clock is not None:
+                self._clock.cancel()
+            assert self._loop is not None
+            self._clock_at = at
+            self._clock = self._loop.call_later(max(at - now, 0.0), self._on_clock)
+
+        def _on_clock(self) -> None:
+            """Settle the waiters whose chunk ended; set the clock for the next."""
+            self._clock = None
+            now = monotonic()
+            with self._lock:
+                waiting: list[AWaiter] = self._core.waiting()  # type: ignore[assignment]
+            soonest = None
+            for waiter in waiting:
+                if waiter.check_at <= now + _CLOCK_SLACK:
+                    if self._expire(waiter) or waiter.state != _core.WAITING:
+                        continue
+                    waiter.check_at = now + _chunk(waiter, now)
+                if soonest is None or waiter.check_at < soonest:
+                    soonest = waiter.check_at
+            if soonest is not None and (
+                self._clock is None or soonest < self._clock_at
+            ):
+                self._set_clock(soonest, now)
 
     def _expire(self, waiter: Any) -> bool:
         """A wait chunk ran out: settle the waiter or let it wait on.
@@ -950,6 +987,16 @@ _NOT_READY = (
     "in recovery",
     "not yet accepting connections",
 )
+
+
+if True:  # ASYNC
+    # The waiter clock looks at waiters due this close to now too: a timer may
+    # go off a hair early (uvloop rounds to milliseconds).
+    _CLOCK_SLACK = 0.001
+
+    def _chunk(waiter: AWaiter, now: float) -> float:
+        """How long `waiter` waits before the pool looks at it again."""
+        return max(min(waiter.deadline - now, _core.FAST_FAIL_WAIT), 0.0)
 
 
 def _kill(handle: AsyncPooledConnection) -> None:
