@@ -612,3 +612,35 @@ def test_open_pool_used_from_a_new_loop_keeps_working_or_refuses(
 
     asyncio.run(first())
     asyncio.run(second())
+
+
+# -- the waiters' shared timer --------------------------------------------------
+
+
+async def test_a_failing_waiter_check_does_not_stop_the_others_timing_out(
+    dsn: str, admin: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One timer serves every waiter: an error settling one of them must not
+    # leave the rest waiting for good.
+    async with small_pool(dsn) as pool:
+        held = await pool.getconn()
+        expire = pool._expire
+        failed = []
+
+        def flaky(waiter: Any) -> bool:
+            if not failed:
+                failed.append(waiter)
+                raise RuntimeError("boom")
+            return expire(waiter)
+
+        pool._expire = flaky  # type: ignore[method-assign]
+        tasks = [asyncio.create_task(pool.getconn(timeout=0.3)) for _ in range(3)]
+        t0 = time.monotonic()
+        results = await asyncio.wait_for(
+            asyncio.gather(*tasks, return_exceptions=True), timeout=10
+        )
+        assert all(isinstance(r, PoolTimeout) for r in results), results
+        assert time.monotonic() - t0 < 3
+        assert "checking a waiter failed" in caplog.text
+        await pool.putconn(held)
+        await acheck_pool(pool, admin)

@@ -502,14 +502,17 @@ class AsyncPool:
             now = monotonic()
             with self._lock:
                 waiting: list[AWaiter] = self._core.waiting()  # type: ignore[assignment]
-            soonest = None
             for waiter in waiting:
                 if waiter.check_at <= now + _CLOCK_SLACK:
-                    if self._expire(waiter) or waiter.state != _core.WAITING:
-                        continue
+                    try:
+                        if self._expire(waiter):
+                            continue
+                    except Exception:  # keep the clock going for the others
+                        logger.exception("pool %r: checking a waiter failed", self.name)
                     waiter.check_at = now + _chunk(waiter, now)
-                if soonest is None or waiter.check_at < soonest:
-                    soonest = waiter.check_at
+            soonest = min(
+                (w.check_at for w in waiting if w.state == _core.WAITING), default=None
+            )
             if soonest is not None and (
                 self._clock is None or soonest < self._clock_at
             ):
