@@ -32,7 +32,7 @@ from pgwarden import (
     QueryTimeout,
     UnknownLane,
 )
-from pgwarden.pool import _core
+from pgwarden.pool import _core, _messages
 from pgwarden.pool._acompat import Event
 from tests._util import wait_until
 from tests.pool._helpers import backend_pids, free_port, run_all, unique_app
@@ -430,6 +430,39 @@ def test_each_waiter_times_out_at_its_own_deadline(dsn: str) -> None:
             assert outcome == "timeout" and 0.35 <= waited < 0.7, timed_out
         outcome, _, waited = timed_out[3]
         assert outcome == "timeout" and 1.45 <= waited < 1.8, timed_out
+
+
+def test_a_timeout_that_cannot_be_described_still_reaches_its_caller(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Describing where connections are held can fail (a deleted working
+    # directory breaks os.getcwd()); the caller must still get PoolTimeout.
+    real = _messages.timeout_message
+    calls: list[int] = []
+
+    def broken(*args: Any) -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileNotFoundError("the working directory is gone")
+        return real(*args)
+
+    monkeypatch.setattr(_messages, "timeout_message", broken)
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        held = pool.getconn()
+
+        def borrow() -> BaseException | None:
+            try:
+                pool.getconn(timeout=0.3)
+            except PoolTimeout as ex:
+                return ex
+            return None
+
+        t0 = time.monotonic()
+        results = run_all([borrow, borrow, borrow])
+        assert all(isinstance(r, PoolTimeout) for r in results), results
+        assert time.monotonic() - t0 < 3
+        assert "describing a timeout failed" in caplog.text
+        pool.putconn(held)
 
 
 def test_max_waiting_refuses_at_once(dsn: str) -> None:
@@ -846,6 +879,25 @@ def test_server_down_fails_fast_then_recovers(dsn: str, pg_server: Any) -> None:
         with pool.connection(timeout=5) as conn:
             conn.execute("SELECT 1")
         assert not pool.stats().server_down
+
+
+def test_callers_arriving_together_all_fail_fast_while_the_server_is_down(
+    dsn: str,
+) -> None:
+    bad = make_conninfo(dsn, port=free_port())
+    with small_pool(bad, min_size=1, max_size=2, connection_timeout=10) as pool:
+        wait_until(lambda: pool.stats().server_down, timeout=10)
+
+        def borrow(after: float) -> float:
+            asleep(after)
+            t0 = time.monotonic()
+            with pytest.raises(PoolTimeout, match="unreachable"):
+                pool.getconn()
+            return time.monotonic() - t0
+
+        # Close together: each still fails about a second after it came.
+        waited = run_all([lambda i=i: borrow(i * 0.0005) for i in range(20)])
+        assert max(waited) < 1.8, sorted(waited)
 
 
 # -- lifecycle ------------------------------------------------------------------

@@ -434,9 +434,16 @@ class Pool:
                 return True
             if not self._core.expire_waiter(waiter, now):
                 return False
-            msg = _messages.timeout_message(
-                self._core, self.name, waiter.lane, now - waiter.started, now
-            )
+            try:
+                msg = _messages.timeout_message(
+                    self._core, self.name, waiter.lane, now - waiter.started, now
+                )
+            except Exception:  # out of the queue: it must hear of it all the same
+                logger.exception("pool %r: describing a timeout failed", self.name)
+                msg = (
+                    f"no connection from pool {self.name!r} after"
+                    f" {now - waiter.started:.2f} s"
+                )
             last_error = self._core.last_error
         waiter.error = self._timeout(msg, last_error)
         waiter.wake()

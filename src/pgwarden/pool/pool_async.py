@@ -183,9 +183,7 @@ class AsyncPool:
         for w in waiters:
             w.wake()
         if True:  # ASYNC
-            if self._clock is not None:
-                self._clock.cancel()
-                self._clock = None
+            self._stop_clock()
         if self._wakeup is not None:
             self._wakeup.set()
         for entry, _ in to_close:
@@ -271,7 +269,7 @@ class AsyncPool:
         self._tasks = set()
         self._wakeup = self._ready = self._drained = None
         if True:  # ASYNC
-            self._clock = None  # the parent's loop's
+            self._stop_clock()  # the parent's waiters
 
     # -- borrowing ----------------------------------------------------------
 
@@ -496,27 +494,35 @@ class AsyncPool:
             self._clock_at = at
             self._clock = self._loop.call_later(max(at - now, 0.0), self._on_clock)
 
+        def _stop_clock(self) -> None:
+            if self._clock is not None:
+                self._clock.cancel()
+                self._clock = None
+
         def _on_clock(self) -> None:
             """Settle the waiters whose chunk ended; set the clock for the next."""
             self._clock = None
             now = monotonic()
             with self._lock:
                 waiting: list[AWaiter] = self._core.waiting()  # type: ignore[assignment]
-            for waiter in waiting:
-                if waiter.check_at <= now + _CLOCK_SLACK:
+            try:
+                for waiter in waiting:
+                    if waiter.check_at > now:
+                        continue
                     try:
                         if self._expire(waiter):
                             continue
                     except Exception:  # keep the clock going for the others
                         logger.exception("pool %r: checking a waiter failed", self.name)
                     waiter.check_at = now + _chunk(waiter, now)
-            soonest = min(
-                (w.check_at for w in waiting if w.state == _core.WAITING), default=None
-            )
-            if soonest is not None and (
-                self._clock is None or soonest < self._clock_at
-            ):
-                self._set_clock(soonest, now)
+            finally:
+                soonest = min(
+                    (w.check_at for w in waiting if w.state == _core.WAITING),
+                    default=None,
+                )
+                if soonest is not None and self._clock is None:
+                    # Waiters due within _CLOCK_GRAIN are looked at together.
+                    self._set_clock(max(soonest, now + _CLOCK_GRAIN), now)
 
     def _expire(self, waiter: Any) -> bool:
         """A wait chunk ran out: settle the waiter or let it wait on.
@@ -530,9 +536,16 @@ class AsyncPool:
                 return True
             if not self._core.expire_waiter(waiter, now):
                 return False
-            msg = _messages.timeout_message(
-                self._core, self.name, waiter.lane, now - waiter.started, now
-            )
+            try:
+                msg = _messages.timeout_message(
+                    self._core, self.name, waiter.lane, now - waiter.started, now
+                )
+            except Exception:  # out of the queue: it must hear of it all the same
+                logger.exception("pool %r: describing a timeout failed", self.name)
+                msg = (
+                    f"no connection from pool {self.name!r} after"
+                    f" {now - waiter.started:.2f} s"
+                )
             last_error = self._core.last_error
         waiter.error = self._timeout(msg, last_error)
         waiter.wake()
@@ -993,9 +1006,10 @@ _NOT_READY = (
 
 
 if True:  # ASYNC
-    # The waiter clock looks at waiters due this close to now too: a timer may
-    # go off a hair early (uvloop rounds to milliseconds).
-    _CLOCK_SLACK = 0.001
+    # How soon the waiter clock goes off again after it went off: under load it
+    # settles the waiters due meanwhile in one go, and a timer going off a hair
+    # early (uvloop rounds to milliseconds) does not make it spin.
+    _CLOCK_GRAIN = 0.01
 
     def _chunk(waiter: AWaiter, now: float) -> float:
         """How long `waiter` waits before the pool looks at it again."""
