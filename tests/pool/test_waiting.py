@@ -77,7 +77,7 @@ async def test_a_cancelled_wait_leaves_nothing_behind(
     a, _ = sockets
     loop = asyncio.get_running_loop()
     task = asyncio.create_task(wait_async(read_one(a), a.fileno(), Alarm(), 30))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # one step: the task registers its reader and waits
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -108,6 +108,13 @@ SERVED = 1
 GONE = 2
 
 
+def wait_chunk(waiter: Waiter, now: float) -> float:
+    """How long a waiter waits before its pool looks at it again (to time it
+    out, or fail it fast while the server is down): until its deadline, and
+    at most `FAST_FAIL_WAIT`."""
+    return max(min(waiter.deadline - now, FAST_FAIL_WAIT), 0.0)
+
+
 class Entry:
     """One connection the pool owns, with what the pool knows about it."""
 

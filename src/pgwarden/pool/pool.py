@@ -411,8 +411,8 @@ class Pool:
         """Wait until `waiter` is served, times out or is cancelled."""
         try:
             while True:
-                remaining = min(waiter.deadline - monotonic(), _core.FAST_FAIL_WAIT)
-                if waiter.wait(remaining) or self._expire(waiter):
+                chunk = _core.wait_chunk(waiter, monotonic())
+                if waiter.wait(chunk) or self._expire(waiter):
                     break
         except BaseException:
             self._abandon(waiter)

@@ -459,8 +459,8 @@ class AsyncPool:
         else:
             try:
                 while True:
-                    remaining = min(waiter.deadline - monotonic(), _core.FAST_FAIL_WAIT)
-                    if waiter.wait(remaining) or self._expire(waiter):
+                    chunk = _core.wait_chunk(waiter, monotonic())
+                    if waiter.wait(chunk) or self._expire(waiter):
                         break
             except BaseException:
                 self._abandon(waiter)
@@ -483,7 +483,7 @@ class AsyncPool:
             contention, costs more than the rest of the wait.
             """
             now = monotonic()
-            waiter.check_at = at = now + _chunk(waiter, now)
+            waiter.check_at = at = now + _core.wait_chunk(waiter, now)
             if self._clock is None or at < self._clock_at:
                 self._set_clock(at, now)
 
@@ -514,7 +514,7 @@ class AsyncPool:
                             continue
                     except Exception:  # keep the clock going for the others
                         logger.exception("pool %r: checking a waiter failed", self.name)
-                    waiter.check_at = now + _chunk(waiter, now)
+                    waiter.check_at = now + _core.wait_chunk(waiter, now)
             finally:
                 soonest = min(
                     (w.check_at for w in waiting if w.state == _core.WAITING),
@@ -1010,10 +1010,6 @@ if True:  # ASYNC
     # settles the waiters due meanwhile in one go, and a timer going off a hair
     # early (uvloop rounds to milliseconds) does not make it spin.
     _CLOCK_GRAIN = 0.01
-
-    def _chunk(waiter: AWaiter, now: float) -> float:
-        """How long `waiter` waits before the pool looks at it again."""
-        return max(min(waiter.deadline - now, _core.FAST_FAIL_WAIT), 0.0)
 
 
 def _kill(handle: AsyncPooledConnection) -> None:
