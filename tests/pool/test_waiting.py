@@ -1,9 +1,10 @@
-"""The asyncio pool's wait (`wait_async`, `Alarm`) on a real event loop and a
-socket pair; no server."""
+"""The asyncio pool's wait (`wait_async`, `Alarm`, `Reader`) on a real event
+loop and a socket pair; no server."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Generator, Iterator
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from psycopg import errors as e
 from psycopg.waiting import READY_NONE, READY_R, WAIT_R
 
-from pgwarden.pool._waiting import Alarm, wait_async
+from pgwarden.pool._waiting import Alarm, Reader, wait_async
 
 
 @pytest.fixture
@@ -167,3 +168,133 @@ def test_an_alarm_moves_to_another_loop() -> None:
     assert asyncio.run(times_out(0.1)) < 5
     # The timer armed on the first loop died with it; the second loop arms its own.
     assert asyncio.run(times_out(0.1)) < 5
+
+
+# -- Reader: the socket stays registered between waits -----------------------
+
+
+def fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+async def test_a_reader_serves_wait_after_wait_with_one_registration(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = sockets
+    loop = asyncio.get_running_loop()
+    reader, alarm = Reader(), Alarm()
+    added = []
+    add_reader = loop.add_reader
+
+    def counting(fd: int, callback: Any, *args: Any) -> Any:
+        added.append(fd)
+        return add_reader(fd, callback, *args)
+
+    loop.add_reader = counting  # type: ignore[method-assign]
+    try:
+        for i in range(5):
+            loop.call_later(0.01, b.send, b"%d" % i)
+            got = await wait_async(read_one(a), a.fileno(), alarm, 5.0, reader)
+            assert got == b"%d" % i
+            assert reader.registered
+    finally:
+        loop.add_reader = add_reader  # type: ignore[method-assign]
+    assert len(added) == 1 and added[0] != a.fileno()  # a duplicate, once
+    # Nothing is read twice or early: events left from earlier waits don't
+    # wake a wait with nothing to read.
+    with pytest.raises(e._WaitTimeout):
+        await wait_async(read_one(a), a.fileno(), alarm, 0.2, reader)
+    reader.stop()
+    assert not reader.registered and not fd_open(added[0])
+
+
+async def test_data_while_nobody_waits_ends_the_registration(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = sockets
+    reader = Reader()
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.01, b.send, b"x")
+    assert await wait_async(read_one(a), a.fileno(), Alarm(), 5.0, reader) == b"x"
+    b.send(b"unasked")  # a notification, say: nobody reads it now
+    deadline = loop.time() + 5.0
+    while reader.registered and loop.time() < deadline:
+        await asyncio.sleep(0.001)
+    assert not reader.registered
+    # The next wait registers again and gets what came meanwhile.
+    assert await wait_async(read_one(a), a.fileno(), Alarm(), 5.0, reader) == b"unasked"
+    reader.stop()
+
+
+async def test_stopping_wakes_the_wait_in_progress(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    a, _ = sockets
+    reader = Reader()
+    loop = asyncio.get_running_loop()
+    polls = []
+
+    def count_wakes() -> Generator[int, int, int]:
+        while True:
+            ready = yield WAIT_R
+            polls.append(ready)
+            if len(polls) == 1:
+                return ready
+
+    loop.call_later(0.05, reader.stop)
+    assert await wait_async(count_wakes(), a.fileno(), Alarm(), 5.0, reader) == READY_R
+    assert not reader.registered
+
+
+async def test_libpq_closing_its_socket_leaves_no_number_watched(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    # The hazard the duplicate avoids: asyncio, still registered for a closed
+    # socket's number, would not watch a new socket given the same number.
+    a, b = sockets
+    loop = asyncio.get_running_loop()
+    reader = Reader()
+    loop.call_later(0.01, b.send, b"x")
+    await wait_async(read_one(a), a.fileno(), Alarm(), 5.0, reader)
+    number = a.fileno()
+    a.close()  # as libpq does when the connection is lost
+    reused, d = socket.socketpair()
+    try:
+        if reused.fileno() != number:  # give the new socket the old number
+            os.dup2(reused.fileno(), number)
+            reused.close()
+            reused = socket.socket(fileno=number)
+        reused.setblocking(False)
+        loop.call_later(0.01, d.send, b"new")
+        got = await wait_async(read_one(reused), number, Alarm(), 5.0)
+        assert got == b"new"
+    finally:
+        reused.close()
+        d.close()
+        reader.stop()
+
+
+def test_a_reader_moves_to_another_loop() -> None:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    reader, alarm = Reader(), Alarm()
+    try:
+        for _ in range(2):
+            loop = asyncio.new_event_loop()
+            try:
+                loop.call_later(0.01, b.send, b"x")
+                got = loop.run_until_complete(
+                    wait_async(read_one(a), a.fileno(), alarm, 5.0, reader)
+                )
+                assert got == b"x" and reader.registered
+            finally:
+                loop.close()
+        reader.stop()
+        assert not reader.registered
+    finally:
+        a.close()
+        b.close()

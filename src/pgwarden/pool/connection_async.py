@@ -28,10 +28,16 @@ from ..errors import ConnectionReturned, QueryTimeout
 from ._cancel import abandon
 
 if True:  # ASYNC
-    from ._waiting import Alarm, wait_async
+    import os
+
+    from ._waiting import Alarm, Reader, wait_async
+
+    # Keeping a socket registered between waits takes a duplicate made with
+    # os.dup(), which a Windows socket handle is not.
+    _KEEP_REGISTERED = os.name == "posix"
 
 if TYPE_CHECKING:
-    from ._core import Entry
+    from ._core import Entry, PoolCore
 
 # How often a wait wakes up to notice interrupts (as psycopg does).
 _WAIT_INTERVAL = 0.1
@@ -59,6 +65,8 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
     _pgw_pool: str  # the owning pool's name, for messages
     if True:  # ASYNC
         _pgw_alarm: Alarm  # enforces _pgw_timeout
+        _pgw_reader: Reader  # keeps the socket registered under load
+        _pgw_core: PoolCore  # the owning pool's: how many connections are busy
 
     async def wait(
         self,
@@ -73,6 +81,14 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
         pgconn = self.pgconn  # the handle may be detached while this runs
         try:
             if True:  # ASYNC
+                reader = self._pgw_reader
+                if _KEEP_REGISTERED and self._pgw_core.busy > 1:
+                    # Other tasks keep the event loop busy: see Reader.
+                    return await wait_async(
+                        gen, pgconn.socket, self._pgw_alarm, limit, reader
+                    )
+                if reader.registered:
+                    reader.stop()
                 return await wait_async(gen, pgconn.socket, self._pgw_alarm, limit)
             else:
                 return waiting.wait(
@@ -98,6 +114,8 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
         """Close the connection now; the server is told to stop its query."""
         if "pgconn" in self.__dict__:  # still attached: psycopg's own flag
             self._closed = True
+            if True:  # ASYNC
+                self._pgw_reader.stop()
         abandon(pgconn, CANCEL_TIMEOUT)
 
     def _pgw_restore(self) -> None:

@@ -49,7 +49,7 @@ if True:  # ASYNC
     import threading
     from collections.abc import Coroutine
 
-    from ._waiting import Alarm
+    from ._waiting import Alarm, Reader
 
 logger = logging.getLogger("pgwarden.pool")
 
@@ -821,6 +821,8 @@ class AsyncPool:
         conn._pgw_pool = self.name
         if True:  # ASYNC
             conn._pgw_alarm = Alarm()
+            conn._pgw_reader = Reader()
+            conn._pgw_core = self._core
         # psycopg only tests `_pool` for presence (its type depends on whether
         # psycopg_pool is installed); a weak reference avoids a cycle.
         conn.__dict__["_pool"] = self._ref
@@ -834,6 +836,8 @@ class AsyncPool:
         return entry
 
     async def _close_conn(self, entry: Entry) -> None:
+        if True:  # ASYNC
+            entry.conn._pgw_reader.stop()
         if entry.abandoned:
             return  # freed by the garbage collector once nobody uses it
         try:
