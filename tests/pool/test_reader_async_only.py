@@ -235,3 +235,18 @@ async def test_no_socket_outlives_the_pool_after_sessions_end_under_load(
         return open_fds() <= before
 
     await await_until(all_closed, message=f"{before} open files, as before the pool")
+
+
+def test_a_pool_never_closed_leaves_no_socket_open_after_its_loop(dsn: str) -> None:
+    kept: list[tuple[int, int]] = []
+
+    async def forgetful() -> None:
+        pool = small_pool(dsn, 4)
+        await pool.open(wait=True)
+        await load(pool, tasks=8, rounds=5)
+        kept.extend(socket_of(r) for r in readers(pool) if r.registered)
+
+    asyncio.run(forgetful())  # the pool is never closed
+    gc.collect()
+    assert kept
+    assert all(closed(fd, inode) for fd, inode in kept)

@@ -4,6 +4,8 @@ loop and a socket pair; no server."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import gc
 import os
 import socket
 from collections.abc import Generator, Iterator
@@ -173,6 +175,14 @@ def test_an_alarm_moves_to_another_loop() -> None:
 # -- Reader: the socket stays registered between waits -----------------------
 
 
+def same_socket(fd: int, inode: int) -> bool:
+    """Whether `fd` is still open on that socket (not closed, nor reused)."""
+    try:
+        return os.fstat(fd).st_ino == inode
+    except OSError:
+        return False
+
+
 def fd_open(fd: int) -> bool:
     try:
         os.fstat(fd)
@@ -295,6 +305,43 @@ def test_a_reader_moves_to_another_loop() -> None:
                 loop.close()
         reader.stop()
         assert not reader.registered
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_out_of_file_descriptors_a_reader_falls_back_to_registering(
+    sockets: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = sockets
+    loop = asyncio.get_running_loop()
+    reader = Reader()
+
+    def no_more(fd: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "dup", no_more)
+    loop.call_later(0.01, b.send, b"x")
+    assert await wait_async(read_one(a), a.fileno(), Alarm(), 5.0, reader) == b"x"
+    assert not reader.registered and not still_watched(loop, a)
+
+
+def test_a_reader_left_on_a_closed_loop_closes_its_duplicate() -> None:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    loop = asyncio.new_event_loop()
+    try:
+        reader = Reader()
+        loop.call_later(0.01, b.send, b"x")
+        loop.run_until_complete(
+            wait_async(read_one(a), a.fileno(), Alarm(), 5.0, reader)
+        )
+        fd = reader._fd
+        inode = os.fstat(fd).st_ino
+        loop.close()  # never stopped: a pool that was not closed
+        del reader
+        gc.collect()
+        assert not same_socket(fd, inode)
     finally:
         a.close()
         b.close()

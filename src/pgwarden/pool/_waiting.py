@@ -13,9 +13,9 @@ CPU per `SELECT 1` (189 against 219 µs) and 1.2x the throughput of the same
 pool waiting with psycopg's function.
 
 Registering the socket with the loop for one wait and removing it afterwards
-costs two system calls and the loop's bookkeeping, again on every wait. When
-other tasks keep the loop busy, a connection's socket stays registered between
-waits instead: see `Reader`.
+costs two system calls and the loop's bookkeeping, again on every wait. While
+other connections of the pool are on loan, a connection's socket stays
+registered between waits instead: see `Reader`.
 """
 
 from __future__ import annotations
@@ -99,19 +99,21 @@ class Alarm:
 class Reader:
     """Keeps a connection's socket registered for reading between its waits.
 
-    The pool uses it while other connections of the pool are in use too, so
-    that other tasks keep the event loop busy: with 64 tasks over 4
-    connections, it measured 1.4x the throughput of registering for each wait
-    (`bench/run.py`). With one task alone the pool does not use it: the loop
-    would go to sleep sooner after each send, and on a VM waking it up costs
-    more than the calls saved (0.8x `direct` instead of 0.97x).
+    The pool uses it while other connections of the pool are on loan too,
+    when other tasks most likely keep the event loop busy: with 64 tasks over
+    4 connections, it measured 1.4x the throughput of registering for each
+    wait (`bench/run.py`). With one connection on loan the pool does not use
+    it: a lone task's loop would go to sleep sooner after each send, and on a
+    VM waking it up costs more than the calls saved (0.8x `direct` instead of
+    0.97x).
 
     The registration is of a duplicate of libpq's socket (`os.dup()`): libpq
     may close its own (a lost connection, `close()`), and asyncio, still
     registered for that number, would then miss a new socket that reuses it.
-    The duplicate keeps the socket open until `stop()`, which the pool calls
-    before closing the connection; a socket at its end is also let go as
-    soon as the loop sees it.
+    The duplicate is closed by `stop()`, which the pool calls before it closes
+    the connection; when the loop sees the socket's end (the server closed
+    it); or when the reader is garbage collected with its connection (a pool
+    never closed, its loop gone).
 
     One wait at a time: psycopg's connection lock sees to that.
     """
@@ -128,11 +130,18 @@ class Reader:
     def registered(self) -> bool:
         return self._loop is not None
 
-    def watch(self, loop: AbstractEventLoop, fileno: int, fut: Future[int]) -> None:
-        """Resolve `fut` with READY_R once the socket `fileno` is readable."""
+    def watch(self, loop: AbstractEventLoop, fileno: int, fut: Future[int]) -> bool:
+        """Resolve `fut` with READY_R once the socket `fileno` is readable.
+
+        Return False if no duplicate could be made (no file descriptor left,
+        or libpq closed its socket): the caller registers `fileno` as usual.
+        """
         if self._loop is not loop:
             self.stop()
-            fd = os.dup(fileno)
+            try:
+                fd = os.dup(fileno)
+            except OSError:
+                return False
             try:
                 loop.add_reader(fd, self._readable)
             except BaseException:
@@ -142,6 +151,7 @@ class Reader:
             self._fd = fd
             self._stale = False
         self._fut = fut
+        return True
 
     def done(self) -> None:
         """The wait is over; the socket stays registered."""
@@ -163,13 +173,18 @@ class Reader:
         if fut is not None and not fut.done():
             fut.set_result(READY_R)
 
+    def __del__(self) -> None:
+        if self._fd >= 0:  # its loop is closed, or gone
+            os.close(self._fd)
+
     def _readable(self) -> None:
         fut = self._fut
         if fut is not None and fut.done():
             return  # woken already; its task has yet to read
         if self._stale:
-            # The loop looks at the socket before running the task it woke,
-            # so the event after a wake-up is usually that one's again.
+            # asyncio's own loop looks at the socket again before it runs the
+            # task it woke, so the event after a wake-up may be that one's
+            # again (about half of them); uvloop runs the task first.
             self._stale = False
             if not _ready(self._fd, WAIT_R):
                 return
@@ -234,9 +249,8 @@ async def wait_async(
             reading = writing = False
             try:
                 if s & WAIT_R:
-                    if reader is not None:
-                        reader.watch(loop, fileno, fut)
-                    else:
+                    watched = reader is not None and reader.watch(loop, fileno, fut)
+                    if not watched:
                         loop.add_reader(fileno, _wake, fut, READY_R)
                         reading = True
                 if s & WAIT_W:
