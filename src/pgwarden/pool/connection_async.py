@@ -83,7 +83,7 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
             if True:  # ASYNC
                 reader = self._pgw_reader
                 if _KEEP_REGISTERED and self._pgw_core.busy > 1:
-                    # Other tasks keep the event loop busy: see Reader.
+                    # Other connections on loan: the socket stays registered.
                     return await wait_async(
                         gen, pgconn.socket, self._pgw_alarm, limit, reader
                     )
