@@ -143,7 +143,7 @@ async def test_a_task_cancelled_under_load_lets_the_socket_go(dsn: str) -> None:
             await started.wait()
             assert got[0].registered
             sock = socket_of(got[0])
-            await asyncio.sleep(0.05)  # let it send the query and wait
+            await await_until(lambda: got[0]._fut is not None)  # in the query's wait
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await asyncio.wait_for(task, 5)
