@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import uuid
@@ -53,3 +54,17 @@ def run_all(funcs: list[Callable[[], Any]]) -> list[Any]:
     if errors:
         raise errors[0]
     return results
+
+
+def socket_of(reader: Any) -> tuple[int, int]:
+    """A `Reader`'s registered duplicate: its number and the socket's inode."""
+    fd: int = reader._fd
+    return fd, os.fstat(fd).st_ino
+
+
+def closed(fd: int, inode: int) -> bool:
+    """Whether `fd` no longer refers to that socket (closed, or reused)."""
+    try:
+        return os.fstat(fd).st_ino != inode
+    except OSError:
+        return True

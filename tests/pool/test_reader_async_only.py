@@ -18,7 +18,7 @@ from pgwarden import AsyncPool, QueryTimeout
 from pgwarden.pool._waiting import Reader
 from tests._util import await_until
 from tests.faults.invariants import acheck_closed
-from tests.pool._helpers import backend_pids, unique_app
+from tests.pool._helpers import backend_pids, closed, socket_of, unique_app
 
 
 def small_pool(dsn: str, size: int, **kwargs: Any) -> AsyncPool:
@@ -46,20 +46,6 @@ async def load(pool: AsyncPool, tasks: int = 8, rounds: int = 20) -> None:
 
 def readers(pool: AsyncPool) -> list[Reader]:
     return [entry.conn._pgw_reader for entry in pool._core.entries]
-
-
-def socket_of(reader: Reader) -> tuple[int, int]:
-    """The registered duplicate's number and the socket's inode."""
-    fd = reader._fd
-    return fd, os.fstat(fd).st_ino
-
-
-def closed(fd: int, inode: int) -> bool:
-    """Whether `fd` no longer refers to that socket (closed, or reused)."""
-    try:
-        return os.fstat(fd).st_ino != inode
-    except OSError:
-        return True
 
 
 async def test_under_load_a_socket_is_registered_once_and_let_go_on_close(

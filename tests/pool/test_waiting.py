@@ -16,6 +16,7 @@ from psycopg import errors as e
 from psycopg.waiting import READY_NONE, READY_R, WAIT_R
 
 from pgwarden.pool._waiting import Alarm, Reader, wait_async
+from tests.pool._helpers import closed, socket_of
 
 
 @pytest.fixture
@@ -175,22 +176,6 @@ def test_an_alarm_moves_to_another_loop() -> None:
 # -- Reader: the socket stays registered between waits -----------------------
 
 
-def same_socket(fd: int, inode: int) -> bool:
-    """Whether `fd` is still open on that socket (not closed, nor reused)."""
-    try:
-        return os.fstat(fd).st_ino == inode
-    except OSError:
-        return False
-
-
-def fd_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 async def test_a_reader_serves_wait_after_wait_with_one_registration(
     sockets: tuple[socket.socket, socket.socket],
 ) -> None:
@@ -218,8 +203,9 @@ async def test_a_reader_serves_wait_after_wait_with_one_registration(
     # wake a wait with nothing to read.
     with pytest.raises(e._WaitTimeout):
         await wait_async(read_one(a), a.fileno(), alarm, 0.2, reader)
+    duplicate = socket_of(reader)
     reader.stop()
-    assert not reader.registered and not fd_open(added[0])
+    assert not reader.registered and closed(*duplicate)
 
 
 async def test_data_while_nobody_waits_ends_the_registration(
@@ -288,26 +274,23 @@ async def test_libpq_closing_its_socket_leaves_no_number_watched(
         reader.stop()
 
 
-def test_a_reader_moves_to_another_loop() -> None:
-    a, b = socket.socketpair()
-    a.setblocking(False)
+def test_a_reader_moves_to_another_loop(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = sockets
     reader, alarm = Reader(), Alarm()
-    try:
-        for _ in range(2):
-            loop = asyncio.new_event_loop()
-            try:
-                loop.call_later(0.01, b.send, b"x")
-                got = loop.run_until_complete(
-                    wait_async(read_one(a), a.fileno(), alarm, 5.0, reader)
-                )
-                assert got == b"x" and reader.registered
-            finally:
-                loop.close()
-        reader.stop()
-        assert not reader.registered
-    finally:
-        a.close()
-        b.close()
+    for _ in range(2):
+        loop = asyncio.new_event_loop()
+        try:
+            loop.call_later(0.01, b.send, b"x")
+            got = loop.run_until_complete(
+                wait_async(read_one(a), a.fileno(), alarm, 5.0, reader)
+            )
+            assert got == b"x" and reader.registered
+        finally:
+            loop.close()
+    reader.stop()
+    assert not reader.registered
 
 
 async def test_out_of_file_descriptors_a_reader_falls_back_to_registering(
@@ -326,22 +309,16 @@ async def test_out_of_file_descriptors_a_reader_falls_back_to_registering(
     assert not reader.registered and not still_watched(loop, a)
 
 
-def test_a_reader_left_on_a_closed_loop_closes_its_duplicate() -> None:
-    a, b = socket.socketpair()
-    a.setblocking(False)
+def test_a_reader_left_on_a_closed_loop_closes_its_duplicate(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = sockets
     loop = asyncio.new_event_loop()
-    try:
-        reader = Reader()
-        loop.call_later(0.01, b.send, b"x")
-        loop.run_until_complete(
-            wait_async(read_one(a), a.fileno(), Alarm(), 5.0, reader)
-        )
-        fd = reader._fd
-        inode = os.fstat(fd).st_ino
-        loop.close()  # never stopped: a pool that was not closed
-        del reader
-        gc.collect()
-        assert not same_socket(fd, inode)
-    finally:
-        a.close()
-        b.close()
+    reader = Reader()
+    loop.call_later(0.01, b.send, b"x")
+    loop.run_until_complete(wait_async(read_one(a), a.fileno(), Alarm(), 5.0, reader))
+    duplicate = socket_of(reader)
+    loop.close()  # never stopped: a pool that was not closed
+    del reader
+    gc.collect()
+    assert closed(*duplicate)
