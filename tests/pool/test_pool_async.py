@@ -664,6 +664,110 @@ async def test_a_borrow_interrupted_before_hand_out_loses_no_slot(
             assert await query_pid(conn)
 
 
+class InterruptedLock:
+    """The pool's lock, with a KeyboardInterrupt landing next to its next
+    acquire() or release(): `where` is "before acquire", "after acquire" or
+    "after release"; None once it has fired."""
+
+    def __init__(self, lock: Any, where: str) -> None:
+        self.lock = lock
+        self.where: str | None = where
+
+    def acquire(self, *args: Any) -> bool:
+        if self.where == "before acquire":
+            self.where = None
+            raise KeyboardInterrupt
+        taken = self.lock.acquire(*args)
+        if self.where == "after acquire":
+            self.where = None
+            raise KeyboardInterrupt
+        return bool(taken)
+
+    def release(self) -> None:
+        self.lock.release()
+        if self.where == "after release":
+            self.where = None
+            raise KeyboardInterrupt
+
+    def _is_owned(self) -> bool:
+        return bool(self.lock._is_owned())
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@pytest.mark.parametrize("where", ["before acquire", "after acquire", "after release"])
+async def test_an_interrupt_next_to_the_lock_never_leaves_it_held(
+    dsn: str, where: str
+) -> None:
+    # The borrow and the give-back take the lock without `with`: wherever
+    # Ctrl-C lands, the lock is free afterwards and the pool serves on.
+    async with small_pool(dsn, min_size=2, max_size=2) as pool:
+        await pool.wait()
+        lock = pool._lock
+        pool._lock = InterruptedLock(lock, where)  # type: ignore[assignment]
+        with pytest.raises(KeyboardInterrupt):
+            await pool.getconn()
+        assert not lock._is_owned()
+        assert pool.stats().in_use == 0
+        with pytest.raises(KeyboardInterrupt):
+            async with pool.connection():  # now the give-back
+                pool._lock = InterruptedLock(lock, where)  # type: ignore[assignment]
+        assert not lock._is_owned()
+        pool._lock = lock
+        # Interrupted before it took the loan back, the give-back left the
+        # connection to its handle: the pool reclaims it once that is collected.
+        assert pool.stats().in_use == (0 if where == "after release" else 1)
+        async with pool.connection(timeout=5) as conn:
+            assert await query_pid(conn)
+
+
+@pytest.mark.parametrize("where", ["after acquire", "after release"])
+async def test_an_interrupt_next_to_the_lock_leaves_no_waiter_behind(
+    dsn: str, where: str
+) -> None:
+    async with small_pool(dsn, min_size=1, max_size=1) as pool:
+        held = await pool.getconn()
+        lock = pool._lock
+        pool._lock = InterruptedLock(lock, where)  # type: ignore[assignment]
+        with pytest.raises(KeyboardInterrupt):
+            await pool.getconn()  # queued, if the interrupt came after
+        pool._lock = lock
+        await pool.putconn(held)
+        stats = pool.stats()
+        assert (stats.waiting, stats.in_use, stats.idle) == (0, 0, 1)
+
+
+async def test_an_interrupted_give_back_still_wakes_the_next_waiter(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Served but never woken, the waiter would sleep until its wait chunk ends.
+    monkeypatch.setattr(_core, "FAST_FAIL_WAIT", 60.0)
+    async with small_pool(dsn, min_size=1, max_size=1, connection_timeout=60) as pool:
+        lock = pool._lock
+
+        async def waiter() -> float:
+            await await_until(lambda: pool.stats().in_use == 1)
+            async with pool.connection() as conn:
+                await query_pid(conn)
+            return time.monotonic()
+
+        async def giver() -> float:
+            with pytest.raises(KeyboardInterrupt):
+                async with pool.connection():
+                    await await_until(lambda: pool.stats().waiting == 1)
+                    pool._lock = InterruptedLock(lock, "after release")  # type: ignore[assignment]
+            return time.monotonic()
+
+        served, given = await run_all([waiter, giver])
+        assert served - given < 10
+        pool._lock = lock
+        assert pool.stats().idle == 1
+
+
 async def test_handle_is_a_real_psycopg_connection(dsn: str) -> None:
     async with small_pool(dsn) as pool, pool.connection() as conn:
         assert isinstance(conn, psycopg.AsyncConnection)

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _core
 
@@ -21,7 +21,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pgwarden.pool")
 
-Lock = threading.Lock
+
+class OwnedLock(Protocol):
+    """The pool's lock: a lock that knows whether this thread holds it."""
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool: ...
+    def release(self) -> None: ...
+    def _is_owned(self) -> bool: ...
+    def __enter__(self) -> bool: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def Lock() -> OwnedLock:
+    """A reentrant lock, for its `_is_owned()`: the hot path takes the lock
+    without `with`, and an interrupt must learn whether it got it."""
+    lock: OwnedLock = threading.RLock()  # type: ignore[assignment]
+    return lock
+
+
 current_thread_ident = threading.get_ident
 
 
