@@ -38,8 +38,10 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.adapt import Dumper
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
+from psycopg.types import TypeInfo
 from psycopg.types.string import TextLoader
 
 from pgwarden import (
@@ -1327,6 +1329,10 @@ def test_client_side_adapters_and_handlers_do_not_leak_to_the_next_borrower(
             conn.add_notice_handler(lambda diag: heard.append("notice"))
             conn.add_notify_handler(lambda notify: heard.append("notify"))
             conn.prepare_threshold = None
+            # A cursor made after the registration: psycopg then clears the
+            # flags that say the connection has adapters of its own.
+            cur = conn.execute("SELECT 'shout'::text")
+            assert cur.fetchone() == ("SHOUT",)
 
         leaks = []
         with pool.connection() as conn:
@@ -1345,6 +1351,39 @@ def test_client_side_adapters_and_handlers_do_not_leak_to_the_next_borrower(
                 leaks.append(f"prepare_threshold={conn.prepare_threshold}")
         check_pool(pool, admin)
     assert not leaks, leaks
+
+
+def test_a_dumper_or_a_type_alone_does_not_leak_to_the_next_borrower(
+    dsn: str,
+) -> None:
+    """Scenario 27, for what psycopg keeps apart from loaders and dumpers with
+    a fixed oid: a dumper registered by Python type only, and a `TypeInfo`."""
+
+    class Whispering(Dumper):  # no fixed oid
+        def dump(self, obj: Any) -> bytes:
+            return str(obj).lower().encode()
+
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        with pool.connection() as conn:
+            conn.adapters.register_dumper(str, Whispering)
+            cur = conn.execute("SELECT %s::text", ["LOUD"])
+            assert cur.fetchone() == ("loud",)  # the dumper works
+        with pool.connection() as conn:
+            cur = conn.execute("SELECT %s::text", ["LOUD"])
+            assert cur.fetchone() == ("LOUD",)
+
+        with pool.connection() as conn:
+            conn.execute("CREATE TYPE pgw_mood AS ENUM ('calm')")
+            info = TypeInfo.fetch(conn, "pgw_mood")
+            assert info is not None
+            info.register(conn)
+            conn.execute("SELECT 1")
+            assert conn.adapters.types.get("pgw_mood") is info
+        with pool.connection() as conn:
+            assert conn.adapters.types.get("pgw_mood") is None
+            conn.adapters.types.clear()
+        with pool.connection() as conn:
+            assert conn.adapters.types.get("text") is not None
 
 
 def test_reset_query_cleans_every_kind_of_server_session_state(

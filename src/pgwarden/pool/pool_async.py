@@ -853,6 +853,7 @@ class AsyncPool:
         # shared __dict__ only for the plain kind (3x faster, and psycopg
         # reads hundreds of attributes per query).
         conn.__dict__ = dict(conn.__dict__.items())
+        conn._pgw_fresh_adapters()
         entry = self._core.new_entry(conn, conn.info.backend_pid, monotonic())
         conn.add_notice_handler(_doom_on_fatal(entry))
         return entry
