@@ -45,6 +45,7 @@ NAMES = {
     "_AsyncConnectionBlock": "_ConnectionBlock",
     "AsyncConnection": "Connection",
     "AsyncCursor": "Cursor",
+    "AsyncServerCursor": "ServerCursor",
     "AsyncPool": "Pool",
     "AWaiter": "Waiter",
     "AEvent": "Event",

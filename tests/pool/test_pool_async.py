@@ -801,17 +801,29 @@ async def test_copy_and_streaming_through_a_pooled_connection(dsn: str) -> None:
 
 
 async def test_client_side_settings_do_not_leak_to_the_next_borrower(dsn: str) -> None:
+    class Mine(psycopg.AsyncServerCursor[Any]):
+        pass
+
     async with small_pool(dsn, min_size=1, max_size=1) as pool:
         async with pool.connection() as conn:
-            await conn.set_autocommit(True)
             await conn.set_read_only(True)
             await conn.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
+            await conn.set_deferrable(True)
+            await conn.execute("SELECT 1")  # psycopg keeps the BEGIN it made
             conn.row_factory = dict_row
+            conn.server_cursor_factory = Mine
+            await conn.commit()
+            await conn.set_autocommit(True)
         async with pool.connection() as conn:
             assert not conn.autocommit and conn.read_only is None
-            assert conn.isolation_level is None
-            cur = await conn.execute("SELECT 1 AS one")
-            assert await cur.fetchone() == (1,)
+            assert conn.isolation_level is None and conn.deferrable is None
+            cur = await conn.execute(
+                "SELECT 1 AS one, current_setting('transaction_isolation'),"
+                " current_setting('transaction_read_only'),"
+                " current_setting('transaction_deferrable')"
+            )
+            assert await cur.fetchone() == (1, "read committed", "off", "off")
+            assert type(conn.cursor("named")) is psycopg.AsyncServerCursor
 
 
 async def test_reset_query_clears_session_state(dsn: str) -> None:

@@ -132,16 +132,19 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
         d = self.__dict__
         if d["_autocommit"]:
             d["_autocommit"] = False
-        if d["_isolation_level"] is not None:
-            d["_isolation_level"] = None
-        if d["_read_only"] is not None:
-            d["_read_only"] = None
-        if d["_deferrable"] is not None:
-            d["_deferrable"] = None
+        if (
+            d["_isolation_level"] is not None
+            or d["_read_only"] is not None
+            or d["_deferrable"] is not None
+        ):
+            d["_isolation_level"] = d["_read_only"] = d["_deferrable"] = None
+            d["_begin_statement"] = b""  # psycopg's BEGIN made from those three
         if d["row_factory"] is not tuple_row:
             d["row_factory"] = tuple_row
         if d["cursor_factory"] is not psycopg.AsyncCursor:
             d["cursor_factory"] = psycopg.AsyncCursor
+        if d["server_cursor_factory"] is not psycopg.AsyncServerCursor:
+            d["server_cursor_factory"] = psycopg.AsyncServerCursor
         if len(d["_notice_handlers"]) > 1:  # the first one is the pool's
             del d["_notice_handlers"][1:]
         if d["_notify_handlers"]:
