@@ -104,7 +104,8 @@ def _get_server() -> PgServer:
         if external:
             _server = PgServer(external, None)
         else:
-            embedded = EmbeddedPostgres()
+            # Prepared transactions: a test gives back a connection after one.
+            embedded = EmbeddedPostgres(settings={"max_prepared_transactions": 4})
             try:
                 embedded.start()
                 _server = PgServer(embedded.dsn(), embedded)

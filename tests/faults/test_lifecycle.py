@@ -1386,6 +1386,127 @@ def test_a_dumper_or_a_type_alone_does_not_leak_to_the_next_borrower(
             assert conn.adapters.types.get("text") is not None
 
 
+def test_unread_notifications_do_not_reach_the_next_borrower(dsn: str) -> None:
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        with pool.connection() as conn:
+            pid = conn.info.backend_pid
+            conn.set_autocommit(True)
+            conn.execute("LISTEN secrets")
+            conn.execute("NOTIFY secrets, 'for borrower 1'")
+            conn.execute("UNLISTEN secrets")  # received all the same
+        with pool.connection() as conn:
+            assert conn.info.backend_pid == pid
+            got = [n.payload for n in conn.notifies(timeout=0)]
+            assert got == []
+
+
+def test_a_notifies_generator_left_open_does_not_hold_the_connection(
+    dsn: str,
+) -> None:
+    # The generator holds the connection's lock and its backlog until it is
+    # closed, long after the give-back (an async one by the event loop).
+    with small_pool(dsn, min_size=1, max_size=1, query_timeout=5) as pool:
+        with pool.connection() as conn:
+            pid = conn.info.backend_pid
+            conn.set_autocommit(True)
+            conn.execute("LISTEN ch")
+            conn.execute("NOTIFY ch, 'first'")
+            gen = conn.notifies()
+            first = next(gen)
+            assert first.payload == "first"
+
+        def next_borrower(payload: str) -> list[str]:
+            with pool.connection(timeout=5) as conn:
+                assert conn.info.backend_pid == pid
+                conn.set_autocommit(True)
+                conn.execute(f"NOTIFY ch, '{payload}'")
+                return [n.payload for n in conn.notifies(timeout=1)]
+
+        assert next_borrower("second") == ["second"]
+        gen.close()
+        assert next_borrower("third") == ["third"]
+
+
+def test_a_prepared_transaction_does_not_reach_the_next_borrower(
+    dsn: str,
+) -> None:
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        with pool.connection() as conn:
+            pid = conn.info.backend_pid
+            conn.tpc_begin(conn.xid(1, f"pgw-{uuid.uuid4().hex}", "b"))
+            conn.execute("SELECT 1")
+            conn.tpc_prepare()  # the session is done with it
+        try:
+            with pool.connection() as conn:
+                assert conn.info.backend_pid == pid
+                cur = conn.execute("SELECT 2")
+                assert cur.fetchone() == (2,)
+            # Left to the next borrower, psycopg refused the block's commit.
+        finally:
+            with pool.connection() as conn:
+                conn.set_autocommit(True)
+                for (xid,) in (
+                    conn.execute("SELECT gid FROM pg_prepared_xacts")
+                ).fetchall():
+                    conn.execute(
+                        sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(xid))
+                    )
+
+
+@pytest.mark.parametrize("left_open", [False, True])
+def test_a_connection_given_back_inside_a_pipeline_is_replaced(
+    dsn: str, left_open: bool
+) -> None:
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        conn = pool.getconn()
+        pid = conn.info.backend_pid
+        conn.set_autocommit(left_open)
+        pipeline = conn.pipeline()
+        pipeline.__enter__()
+        cur = conn.execute("SELECT 1")
+        assert cur.fetchone() == (1,)  # synced: no query in progress
+        if left_open:  # its block ends after the give-back (an exit stack...)
+            pool.putconn(conn)
+        else:  # a give-back inside the block
+            with pytest.raises(ConnectionReturned):
+                try:
+                    pool.putconn(conn)
+                finally:
+                    pipeline.__exit__(None, None, None)
+        with pool.connection() as conn:
+            assert conn.info.backend_pid != pid
+            assert conn.pgconn.pipeline_status == 0
+            cur = conn.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+        if left_open:
+            with pytest.raises(ConnectionReturned):
+                pipeline.__exit__(None, None, None)
+
+
+def test_prepared_max_does_not_leak_to_the_next_borrower(dsn: str) -> None:
+    with small_pool(dsn, min_size=1, max_size=1) as pool:
+        with pool.connection() as conn:
+            conn.prepared_max = 1
+        with pool.connection() as conn:
+            assert conn.prepared_max == 100
+
+
+def test_discard_all_also_empties_psycopgs_prepared_statement_cache(
+    dsn: str,
+) -> None:
+    query = "SELECT %s::int * 2"
+    with small_pool(dsn, min_size=1, max_size=1, reset_query="DISCARD ALL") as pool:
+        with pool.connection() as conn:
+            pid = conn.info.backend_pid
+            for i in range(6):  # prepared from the 6th run on
+                conn.execute(query, [i])
+        for i in range(8):  # more returns than the prepare threshold
+            with pool.connection() as conn:
+                assert conn.info.backend_pid == pid
+                cur = conn.execute(query, [i])
+                assert cur.fetchone() == (2 * i,)
+
+
 def test_reset_query_cleans_every_kind_of_server_session_state(
     dsn: str, admin: Any
 ) -> None:

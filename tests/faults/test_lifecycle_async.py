@@ -1430,6 +1430,135 @@ async def test_a_dumper_or_a_type_alone_does_not_leak_to_the_next_borrower(
             assert conn.adapters.types.get("text") is not None
 
 
+async def test_unread_notifications_do_not_reach_the_next_borrower(dsn: str) -> None:
+    async with small_pool(dsn, min_size=1, max_size=1) as pool:
+        async with pool.connection() as conn:
+            pid = conn.info.backend_pid
+            await conn.set_autocommit(True)
+            await conn.execute("LISTEN secrets")
+            await conn.execute("NOTIFY secrets, 'for borrower 1'")
+            await conn.execute("UNLISTEN secrets")  # received all the same
+        async with pool.connection() as conn:
+            assert conn.info.backend_pid == pid
+            got = [n.payload async for n in conn.notifies(timeout=0)]
+            assert got == []
+
+
+async def test_a_notifies_generator_left_open_does_not_hold_the_connection(
+    dsn: str,
+) -> None:
+    # The generator holds the connection's lock and its backlog until it is
+    # closed, long after the give-back (an async one by the event loop).
+    async with small_pool(dsn, min_size=1, max_size=1, query_timeout=5) as pool:
+        async with pool.connection() as conn:
+            pid = conn.info.backend_pid
+            await conn.set_autocommit(True)
+            await conn.execute("LISTEN ch")
+            await conn.execute("NOTIFY ch, 'first'")
+            gen = conn.notifies()
+            if True:  # ASYNC
+                first = await anext(gen)
+            else:
+                first = next(gen)
+            assert first.payload == "first"
+
+        async def next_borrower(payload: str) -> list[str]:
+            async with pool.connection(timeout=5) as conn:
+                assert conn.info.backend_pid == pid
+                await conn.set_autocommit(True)
+                await conn.execute(f"NOTIFY ch, '{payload}'")
+                return [n.payload async for n in conn.notifies(timeout=1)]
+
+        assert await next_borrower("second") == ["second"]
+        if True:  # ASYNC
+            await gen.aclose()
+        else:
+            gen.close()
+        assert await next_borrower("third") == ["third"]
+
+
+async def test_a_prepared_transaction_does_not_reach_the_next_borrower(
+    dsn: str,
+) -> None:
+    async with small_pool(dsn, min_size=1, max_size=1) as pool:
+        async with pool.connection() as conn:
+            pid = conn.info.backend_pid
+            await conn.tpc_begin(conn.xid(1, f"pgw-{uuid.uuid4().hex}", "b"))
+            await conn.execute("SELECT 1")
+            await conn.tpc_prepare()  # the session is done with it
+        try:
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid == pid
+                cur = await conn.execute("SELECT 2")
+                assert await cur.fetchone() == (2,)
+            # Left to the next borrower, psycopg refused the block's commit.
+        finally:
+            async with pool.connection() as conn:
+                await conn.set_autocommit(True)
+                for (xid,) in await (
+                    await conn.execute("SELECT gid FROM pg_prepared_xacts")
+                ).fetchall():
+                    await conn.execute(
+                        sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(xid))
+                    )
+
+
+@pytest.mark.parametrize("left_open", [False, True])
+async def test_a_connection_given_back_inside_a_pipeline_is_replaced(
+    dsn: str, left_open: bool
+) -> None:
+    async with small_pool(dsn, min_size=1, max_size=1) as pool:
+        conn = await pool.getconn()
+        pid = conn.info.backend_pid
+        await conn.set_autocommit(left_open)
+        pipeline = conn.pipeline()
+        await pipeline.__aenter__()
+        cur = await conn.execute("SELECT 1")
+        assert await cur.fetchone() == (1,)  # synced: no query in progress
+        if left_open:  # its block ends after the give-back (an exit stack...)
+            await pool.putconn(conn)
+        else:  # a give-back inside the block
+            with pytest.raises(ConnectionReturned):
+                try:
+                    await pool.putconn(conn)
+                finally:
+                    await pipeline.__aexit__(None, None, None)
+        async with pool.connection() as conn:
+            assert conn.info.backend_pid != pid
+            assert conn.pgconn.pipeline_status == 0
+            cur = await conn.execute("SELECT 1")
+            assert await cur.fetchone() == (1,)
+        if left_open:
+            with pytest.raises(ConnectionReturned):
+                await pipeline.__aexit__(None, None, None)
+
+
+async def test_prepared_max_does_not_leak_to_the_next_borrower(dsn: str) -> None:
+    async with small_pool(dsn, min_size=1, max_size=1) as pool:
+        async with pool.connection() as conn:
+            conn.prepared_max = 1
+        async with pool.connection() as conn:
+            assert conn.prepared_max == 100
+
+
+async def test_discard_all_also_empties_psycopgs_prepared_statement_cache(
+    dsn: str,
+) -> None:
+    query = "SELECT %s::int * 2"
+    async with small_pool(
+        dsn, min_size=1, max_size=1, reset_query="DISCARD ALL"
+    ) as pool:
+        async with pool.connection() as conn:
+            pid = conn.info.backend_pid
+            for i in range(6):  # prepared from the 6th run on
+                await conn.execute(query, [i])
+        for i in range(8):  # more returns than the prepare threshold
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid == pid
+                cur = await conn.execute(query, [i])
+                assert await cur.fetchone() == (2 * i,)
+
+
 async def test_reset_query_cleans_every_kind_of_server_session_state(
     dsn: str, admin: Any
 ) -> None:

@@ -15,6 +15,7 @@ for notifications is not a query: `notifies()` keeps psycopg's behaviour.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -31,12 +32,15 @@ from ._cancel import abandon
 
 if True:  # ASYNC
     import os
+    from asyncio import Lock as _ConnectionLock
 
     from ._waiting import Alarm, Reader, wait_async
 
     # Keeping a socket registered between waits takes a duplicate made with
     # os.dup(), which a Windows socket handle is not.
     _KEEP_REGISTERED = os.name == "posix"
+else:
+    from threading import Lock as _ConnectionLock
 
 if TYPE_CHECKING:
     from ._core import Entry, PoolCore
@@ -47,8 +51,9 @@ _WAIT_INTERVAL = 0.1
 # Waiting for notifications (`notifies()`) is not a query: no query_timeout.
 _NOTIFIES = generators.notifies.__code__
 
-# psycopg's default, which pooled connections are opened with.
+# psycopg's defaults, which pooled connections are opened with.
 PREPARE_THRESHOLD = 5
+PREPARED_MAX = 100
 
 # How long the background cancel request may take to reach the server.
 CANCEL_TIMEOUT = 5.0
@@ -130,6 +135,8 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
         handlers.
         """
         d = self.__dict__
+        if d["_pipeline"] is not None:  # libpq is still in pipeline mode
+            raise e.InterfaceError("given back inside a pipeline() block")
         if d["_autocommit"]:
             d["_autocommit"] = False
         if (
@@ -149,12 +156,32 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
             del d["_notice_handlers"][1:]
         if d["_notify_handlers"]:
             d["_notify_handlers"].clear()
+        backlog = d["_notifies_backlog"]
+        if backlog:  # notifications received for the borrower, never read
+            backlog.clear()
+        elif backlog is None:
+            # A notifies() generator left open: it holds the connection's
+            # lock, and would put its backlog back on the dead handle.
+            d["_notifies_backlog"] = deque()
+            d["lock"] = _ConnectionLock()
+        if d["_tpc"] is not None:  # a prepared transaction is not the session's
+            d["_tpc"] = None
         prepared = d["_prepared"]
         if prepared.prepare_threshold != PREPARE_THRESHOLD:
             prepared.prepare_threshold = PREPARE_THRESHOLD
+        if prepared.prepared_max != PREPARED_MAX:
+            prepared.prepared_max = PREPARED_MAX
         adapters = d["_adapters"]
         if adapters.changed or adapters.types.changed:
             self._pgw_fresh_adapters()
+
+    def _pgw_forget_prepared(self) -> None:
+        """The server has dropped every prepared statement (`DISCARD ALL`):
+        so does psycopg's cache of them."""
+        prepared = self._prepared
+        prepared._names.clear()
+        prepared._counts.clear()
+        prepared._to_flush.clear()
 
     def _pgw_fresh_adapters(self) -> None:
         """Give the connection adapters of its own, made from psycopg's

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import weakref
 from collections.abc import Callable
@@ -53,6 +54,11 @@ _ACTIVE = TransactionStatus.ACTIVE
 _RESETTABLE = (_IDLE, _INTRANS, TransactionStatus.INERROR)
 _OK = ConnStatus.OK
 
+# A reset query that drops the session's prepared statements.
+_DROPS_PREPARED = re.compile(
+    r"\b(DISCARD\s+ALL|DEALLOCATE\s+(PREPARE\s+)?ALL)\b", re.IGNORECASE
+).search
+
 # How long close() waits for background work to stop.
 _STOP_TIMEOUT = 5.0
 
@@ -89,6 +95,7 @@ class Pool:
         self._query_timeout = cfg.query_timeout or None
         self._test_on_borrow = cfg.test_on_borrow
         self._reset_query = cfg.reset_query
+        self._reset_drops_prepared = bool(_DROPS_PREPARED(cfg.reset_query))
         self._opened = False
         self._reopen_after_fork = False
         self._tasks: set[Any] = set()
@@ -628,6 +635,8 @@ class Pool:
                 conn.set_autocommit(True)
                 conn.execute(self._reset_query)
                 conn.set_autocommit(False)
+                if self._reset_drops_prepared:
+                    conn._pgw_forget_prepared()
         except Exception as ex:
             if entry.state == _core.BUSY:  # else dropped as stranded, and reported
                 logger.warning(

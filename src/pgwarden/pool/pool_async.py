@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import weakref
 from collections.abc import Callable
@@ -59,6 +60,11 @@ _ACTIVE = TransactionStatus.ACTIVE
 _RESETTABLE = (_IDLE, _INTRANS, TransactionStatus.INERROR)
 _OK = ConnStatus.OK
 
+# A reset query that drops the session's prepared statements.
+_DROPS_PREPARED = re.compile(
+    r"\b(DISCARD\s+ALL|DEALLOCATE\s+(PREPARE\s+)?ALL)\b", re.IGNORECASE
+).search
+
 # How long close() waits for background work to stop.
 _STOP_TIMEOUT = 5.0
 
@@ -95,6 +101,7 @@ class AsyncPool:
         self._query_timeout = cfg.query_timeout or None
         self._test_on_borrow = cfg.test_on_borrow
         self._reset_query = cfg.reset_query
+        self._reset_drops_prepared = bool(_DROPS_PREPARED(cfg.reset_query))
         self._opened = False
         self._reopen_after_fork = False
         if True:  # ASYNC
@@ -732,6 +739,8 @@ class AsyncPool:
                 await conn.set_autocommit(True)
                 await conn.execute(self._reset_query)
                 await conn.set_autocommit(False)
+                if self._reset_drops_prepared:
+                    conn._pgw_forget_prepared()
         except Exception as ex:
             if entry.state == _core.BUSY:  # else dropped as stranded, and reported
                 logger.warning(
