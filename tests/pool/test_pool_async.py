@@ -10,6 +10,7 @@ import random
 import signal
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from itertools import pairwise
 from typing import Any
@@ -612,16 +613,74 @@ async def test_a_kept_stale_handle_never_comes_back_to_life(dsn: str) -> None:
             await stale.execute("SELECT 1")
 
 
-async def test_a_copied_handle_gives_nothing_back(dsn: str) -> None:
+async def test_a_handle_cannot_be_copied(dsn: str) -> None:
+    # A copy would not be detached by the give-back: it would run on the
+    # next borrower's session.
     async with small_pool(dsn, min_size=1, max_size=1) as pool:
-        conn = await pool.getconn()
-        twin = copy.copy(conn)
-        with pytest.raises(ConnectionReturned, match="not on loan"):
-            await pool.putconn(twin)
-        assert pool.stats().in_use == 1
-        assert await query_pid(conn)  # the loan is intact
-        await pool.putconn(conn)
+        async with pool.connection() as conn:
+            with pytest.raises(TypeError, match="can't be copied"):
+                copy.copy(conn)
+            assert await query_pid(conn)  # the loan is intact
         assert pool.stats().in_use == 0
+
+
+async def test_a_weak_reference_does_not_bring_a_returned_handle_back(
+    dsn: str,
+) -> None:
+    async with small_pool(dsn, min_size=1, max_size=1) as pool:
+        async with pool.connection() as conn:
+            pid = await query_pid(conn)
+            ref = weakref.ref(conn)
+        del conn
+        async with pool.connection() as conn:
+            assert await query_pid(conn) == pid  # the same connection
+            assert ref() is not conn
+
+
+async def test_a_connection_block_is_for_one_borrow(dsn: str) -> None:
+    # Shared (by two tasks, say), a block's exit could give back the other
+    # borrow's connection in the middle of its transaction.
+    async with small_pool(dsn, min_size=1, max_size=2) as pool:
+        block = pool.connection()
+        async with block:
+            with pytest.raises(RuntimeError, match="entered already"):
+                async with block:
+                    pass
+        with pytest.raises(RuntimeError, match="entered already"):
+            async with block:
+                pass
+        assert pool.stats().in_use == 0
+
+
+async def test_an_error_in_a_block_that_gave_its_connection_back_comes_through(
+    dsn: str,
+) -> None:
+    async with small_pool(dsn, min_size=1, max_size=1) as pool:
+        with pytest.raises(ZeroDivisionError):
+            async with pool.connection() as conn:
+                await pool.putconn(conn)
+                1 / 0  # noqa: B018
+        with pytest.raises(ConnectionReturned):
+            async with pool.connection() as conn:
+                await pool.putconn(conn)
+        assert pool.stats().in_use == 0
+
+
+async def test_a_server_error_in_a_stream_leaves_the_connection_usable(
+    dsn: str,
+) -> None:
+    async with small_pool(dsn, min_size=1, max_size=1) as pool:
+        async with pool.connection() as conn:
+            pid = await query_pid(conn)
+            cur = conn.cursor()
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                async for _ in cur.stream(
+                    "SELECT 10 / (3 - x) FROM generate_series(1, 5) AS x"
+                ):
+                    pass
+            assert not conn.closed
+            await conn.rollback()
+            assert await query_pid(conn) == pid
 
 
 async def test_a_failure_undoing_client_changes_closes_the_connection(

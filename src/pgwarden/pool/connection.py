@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import deque
 from threading import Lock as _ConnectionLock
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import psycopg
 from psycopg import errors as e
@@ -84,6 +84,8 @@ class PooledConnection(psycopg.Connection[Any]):
                 " cancelled; its connection was closed"
                 f" (pool {self.__dict__.get('_pgw_pool')!r})"
             ) from None
+        except e.Error:
+            raise  # an error from the server or libpq: psycopg knows what to do
         except BaseException:
             # Cancelled or interrupted mid-query: the connection is in an
             # unknown state. Close it now rather than waiting on the server.
@@ -159,6 +161,11 @@ class PooledConnection(psycopg.Connection[Any]):
         """Give the connection adapters of its own, made from psycopg's
         global ones, that notice what a borrower registers on them."""
         self._adapters = _Adapters(postgres.adapters)
+
+    def __copy__(self) -> NoReturn:
+        # A copy would share the pool's connection but not the loan: it would
+        # outlive the give-back, on the next borrower's session.
+        raise TypeError("a pooled connection can't be copied")
 
     def __del__(self, _warn: Any = None, /) -> None:
         # The pool owns the connection and closes it; handles just go away.

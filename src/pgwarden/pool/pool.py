@@ -22,6 +22,7 @@ from sys import getrefcount
 from time import monotonic
 from types import TracebackType
 from typing import Any
+from weakref import getweakrefcount
 
 import psycopg
 from psycopg.pq import ConnStatus, TransactionStatus
@@ -375,12 +376,14 @@ class Pool:
         try:
             # The handle: the connection's last one is reused when only the
             # entry still refers to it (nobody kept the stale one).
-            if getrefcount(entry.handle) > 2:  # held elsewhere (or None)
+            handle: PooledConnection = entry.handle
+            if getrefcount(handle) > 3 or getweakrefcount(handle):
+                # Held elsewhere, or None; or a weak reference could bring it
+                # back to life on the next borrower's loan.
                 handle = object.__new__(PooledConnection)
                 handle._pgw_entry = None  # readable at once by the maintenance
                 entry.handle = handle
             else:
-                handle = entry.handle
                 handle.__class__ = PooledConnection
             handle.__dict__ = entry.conn.__dict__
             handle._pgw_entry = entry  # the loan: claimed back under the lock
@@ -864,7 +867,12 @@ class Pool:
 
 
 class _ConnectionBlock:
-    """What `Pool.connection()` returns: borrow on enter, give back on exit."""
+    """What `Pool.connection()` returns: borrow on enter, give back on exit.
+
+    One borrow per block: entered twice (shared by two tasks, say), its exit
+    could give back the other borrow's connection, committing half of its
+    transaction.
+    """
 
     __slots__ = ("_conn", "_lane", "_pool", "_timeout")
 
@@ -872,9 +880,13 @@ class _ConnectionBlock:
         self._pool = pool
         self._lane = lane
         self._timeout = timeout
-        self._conn: PooledConnection | None = None
+        # None, then _ENTERED, then the handle while on loan, then _ENTERED.
+        self._conn: Any = None
 
     def __enter__(self) -> PooledConnection:
+        if self._conn is not None:
+            raise _entered_twice()
+        self._conn = _ENTERED
         return self._pool._getconn(self._lane, self._timeout, 2, self)
 
     def __exit__(
@@ -884,8 +896,8 @@ class _ConnectionBlock:
         exc_tb: TracebackType | None,
     ) -> None:
         conn = self._conn
-        assert conn is not None
-        self._conn = None
+        assert isinstance(conn, PooledConnection)
+        self._conn = _ENTERED
         pool = self._pool
         entry = conn._pgw_entry
         if entry is not None:  # still on loan (claimed below, under the lock)
@@ -900,7 +912,19 @@ class _ConnectionBlock:
             if status == _IDLE and not pool._reset_query:  # the common case
                 pool._release(None, True, conn)
                 return
+        elif exc_type is not None:  # given back inside the block, by putconn()
+            return  # the block's own exception says more
         pool._give_back(pool._detach(conn), warn=False)
+
+
+_ENTERED = object()
+
+
+def _entered_twice() -> RuntimeError:
+    return RuntimeError(
+        "this pool.connection() block was entered already:"
+        " call pool.connection() for each borrow"
+    )
 
 
 # A server that answers a connection with these is there, but not serving yet.
