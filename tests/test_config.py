@@ -506,6 +506,7 @@ def test_lanespec_checks_itself() -> None:
         ("a:1:2,a:1:2", "lane 'a' is defined twice"),
         ("a:1:41", "lane 'a' has limit=41, more than max_size=40"),
         ("a:20:30,b:25:30", "lane reservations add up to 45, more than max_size=40"),
+        ("a:20:30,b:20:30,c:0:5", "so lane 'c', which reserves none, could never"),
     ],
 )
 def test_bad_lanes(raw: str, expected: str) -> None:

@@ -250,6 +250,14 @@ def _parse_lanes(
             f"{source}: lane reservations add up to {reserved}, more than "
             f"{max_label}={max_size}; the reservations must fit in the pool"
         )
+    if reserved == max_size:
+        starved = [lane.name for lane in lanes if not lane.reserved]
+        if starved:
+            raise ConfigError(
+                f"{source}: lane reservations add up to {max_label}={max_size},"
+                f" so lane {starved[0]!r}, which reserves none, could never get"
+                " a connection; reserve one for it or leave room"
+            )
     return tuple(lanes)
 
 
@@ -392,8 +400,8 @@ class PoolConfig:
         validation_timeout: longest time a validation may take.
         max_lifetime: a connection older than this is replaced; 0 = off.
         leak_detection_threshold: report a connection held longer; 0 = off.
-        max_waiting: callers that may wait at once, more are refused; 0 = no
-            bound.
+        max_waiting: callers that may wait at once, more are refused (but
+            not within their lane's reservation); 0 = no bound.
         lanes: LaneSpecs, ``{name: (reserved, limit)}`` or the string
             ``"name:reserved:limit,..."``; a lane named ``default`` serves
             the borrows that name no lane. The sum of the reservations and

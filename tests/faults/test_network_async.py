@@ -115,6 +115,7 @@ async def test_blackhole_while_connecting_callers_keep_their_deadline(
         await await_until(lambda: pool.stats().opening == 0, timeout=4)
         stats = pool.stats()
         assert stats.size == 0 and stats.connection_errors_total >= 1
+        assert "connection timeout expired" in (stats.last_error or "")
         proxy.pass_()
         # Past the backoff that failure started (a caller arriving during it
         # is the next test), the next borrower is served at once.

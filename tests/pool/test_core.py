@@ -24,7 +24,7 @@ from hypothesis.stateful import (
 )
 
 from pgwarden.config import LaneSpec
-from pgwarden.pool import _core
+from pgwarden.pool import _core, _messages
 from pgwarden.pool._core import BUSY, IDLE, Entry, Lane, PoolCore
 from pgwarden.pool.stats import snapshot
 
@@ -82,6 +82,43 @@ def test_lane_owed_its_reservation_is_served_first() -> None:
     assert core.wanted_connects(1.0) == 2
     assert open_one(core, 1.5) is newer  # the reserved lane is owed one
     assert open_one(core, 1.6) is older
+
+
+def test_max_waiting_never_locks_a_lane_out_of_its_reservation() -> None:
+    core = make_core(min_size=0, max_size=4, max_waiting=3, lanes=[LaneSpec("a", 2, 2)])
+    flood = core.default_lane  # limit 2 (4 minus a's 2)
+    for _ in range(3):
+        core.enqueue(FakeWaiter(flood), 0.0, deadline=10.0)  # type: ignore[arg-type]
+    with pytest.raises(OverflowError):
+        core.enqueue(FakeWaiter(flood), 0.0, deadline=10.0)  # type: ignore[arg-type]
+    a = core.lanes["a"]
+    for _ in range(2):  # within a's reservation: admitted past max_waiting
+        core.enqueue(FakeWaiter(a), 0.0, deadline=10.0)  # type: ignore[arg-type]
+    with pytest.raises(OverflowError):  # beyond it, a queues like everyone
+        core.enqueue(FakeWaiter(a), 0.0, deadline=10.0)  # type: ignore[arg-type]
+    assert core.overloaded_total == 2
+
+
+def test_resize_keeps_a_configured_default_lane_limit() -> None:
+    configured = make_core(
+        min_size=0, max_size=4, lanes=[LaneSpec("default", 0, 2), LaneSpec("b", 1, 4)]
+    )
+    configured.resize(0, 8, 0.0)
+    assert configured.default_lane.limit == 2
+    added = make_core(min_size=0, max_size=4, lanes=[LaneSpec("b", 1, 4)])
+    added.resize(0, 8, 0.0)
+    assert added.default_lane.limit == 8
+
+
+def test_a_timeout_says_when_reservations_leave_no_room() -> None:
+    core = make_core(min_size=0, max_size=2, lanes=[LaneSpec("calls", 1, 1)])
+    entry = core.new_entry(object(), 1, 0.0)
+    core.entries.add(entry)
+    core.idle.append(entry)
+    assert core.try_acquire(core.default_lane, 0.0) is entry  # the shared one
+    message = _messages.timeout_message(core, "p", core.default_lane, 1.0, 1.0)
+    assert "no room is left outside the reservations of other lanes" in message
+    assert "(calls 1 reserved)" in message
 
 
 def test_expired_connection_is_not_handed_out() -> None:

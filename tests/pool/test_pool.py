@@ -486,6 +486,28 @@ def test_max_waiting_refuses_at_once(dsn: str) -> None:
         assert pool.stats().overloaded_total == 1
 
 
+def test_max_waiting_does_not_lock_a_lane_out_of_its_reservation(
+    dsn: str,
+) -> None:
+    with small_pool(dsn, min_size=0, max_size=4, max_waiting=2, lanes="a:2:2") as pool:
+        held = [pool.getconn(), pool.getconn()]  # the shared room
+
+        def waiter() -> None:
+            with pytest.raises(PoolTimeout):
+                pool.getconn(timeout=2)
+
+        def reserved() -> None:
+            wait_until(lambda: pool.stats().waiting == 2)
+            with pytest.raises(PoolOverloaded):
+                pool.getconn(timeout=2)  # the default lane: refused
+            with pool.connection("a", timeout=2) as conn:
+                assert query_pid(conn)
+
+        run_all([waiter, waiter, reserved])
+        for conn in held:
+            pool.putconn(conn)
+
+
 def test_open_wait_times_out_with_the_connection_error(dsn: str) -> None:
     bad = make_conninfo(dsn, port=free_port())
     pool = small_pool(bad, min_size=1)

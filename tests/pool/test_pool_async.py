@@ -505,6 +505,30 @@ async def test_max_waiting_refuses_at_once(dsn: str) -> None:
         assert pool.stats().overloaded_total == 1
 
 
+async def test_max_waiting_does_not_lock_a_lane_out_of_its_reservation(
+    dsn: str,
+) -> None:
+    async with small_pool(
+        dsn, min_size=0, max_size=4, max_waiting=2, lanes="a:2:2"
+    ) as pool:
+        held = [await pool.getconn(), await pool.getconn()]  # the shared room
+
+        async def waiter() -> None:
+            with pytest.raises(PoolTimeout):
+                await pool.getconn(timeout=2)
+
+        async def reserved() -> None:
+            await await_until(lambda: pool.stats().waiting == 2)
+            with pytest.raises(PoolOverloaded):
+                await pool.getconn(timeout=2)  # the default lane: refused
+            async with pool.connection("a", timeout=2) as conn:
+                assert await query_pid(conn)
+
+        await run_all([waiter, waiter, reserved])
+        for conn in held:
+            await pool.putconn(conn)
+
+
 async def test_open_wait_times_out_with_the_connection_error(dsn: str) -> None:
     bad = make_conninfo(dsn, port=free_port())
     pool = small_pool(bad, min_size=1)

@@ -229,7 +229,9 @@ class PoolCore:
         self._rng = rng or random.Random()
 
         self.lanes: dict[str, Lane] = {s.name: Lane(s) for s in lanes}
-        if DEFAULT_LANE not in self.lanes:
+        # Added by the pool, its limit follows max_size; a configured one keeps its own.
+        self._default_added = DEFAULT_LANE not in self.lanes
+        if self._default_added:
             self.lanes[DEFAULT_LANE] = Lane(LaneSpec(DEFAULT_LANE, 0, max_size))
         self.default_lane = self.lanes[DEFAULT_LANE]
         self.committed = sum(lane.reserved for lane in self.lanes.values())
@@ -347,9 +349,16 @@ class PoolCore:
     def enqueue(self, waiter: Waiter, now: float, deadline: float) -> None:
         """Put `waiter` at the back of its lane's queue.
 
-        Raise OverflowError when `max_waiting` callers already wait.
+        Raise OverflowError when `max_waiting` callers already wait, unless
+        this one is within its lane's reservation: another lane's queue must
+        not lock a lane out of its own connections.
         """
-        if self.max_waiting and self.n_waiting >= self.max_waiting:
+        lane = waiter.lane
+        if (
+            self.max_waiting
+            and self.n_waiting >= self.max_waiting
+            and lane.in_use + lane.n_waiting >= lane.reserved
+        ):
             self.overloaded_total += 1
             raise OverflowError
         self._seq += 1
@@ -357,7 +366,6 @@ class PoolCore:
         waiter.since = now
         waiter.deadline = deadline
         waiter.state = WAITING
-        lane = waiter.lane
         lane.waiters.append(waiter)
         lane.n_waiting += 1
         self.n_waiting += 1
@@ -750,9 +758,8 @@ class PoolCore:
         """
         self.min_size = min_size
         self.max_size = max_size
-        default = self.default_lane
-        if default.reserved == 0 and default.limit != max_size:
-            default.limit = max_size
+        if self._default_added:
+            self.default_lane.limit = max_size
         for lane in self.lanes.values():
             lane.limit = min(lane.limit, max_size)
         while self.idle and self.size > max_size:

@@ -88,6 +88,16 @@ def timeout_message(
     ]
     if lane.in_use >= lane.limit:
         parts.append(f"lane {lane.name!r} is at its limit of {lane.limit}")
+    elif lane.in_use >= lane.reserved and core.committed >= core.max_size:
+        others = [
+            f"{other.name} {other.reserved}"
+            for other in core.lanes.values()
+            if other is not lane and other.reserved > other.in_use
+        ]
+        parts.append(
+            "no room is left outside the reservations of other lanes"
+            + (f" ({', '.join(others)} reserved)" if others else "")
+        )
     held = core.held(now)[:HELD_SHOWN]
     if held:
         parts.append("held longest: " + "; ".join(held_line(e, now) for e in held))

@@ -846,8 +846,14 @@ class AsyncPool:
     async def _connect(self) -> Entry:
         """Open one connection (without touching the core)."""
         if True:  # ASYNC
-            async with asyncio.timeout(self.config.connection_timeout):
-                conn = await AsyncPooledConnection.connect(self._conninfo)
+            try:
+                async with asyncio.timeout(self.config.connection_timeout):
+                    conn = await AsyncPooledConnection.connect(self._conninfo)
+            except TimeoutError:
+                raise psycopg.OperationalError(
+                    "connection timeout expired (connection_timeout="
+                    f"{self.config.connection_timeout:g} s)"
+                ) from None
         else:
             conn = AsyncPooledConnection.connect(self._conninfo)
         conn._pgw_entry = None
