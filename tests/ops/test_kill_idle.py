@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from psycopg import sql
 
 from pgwarden.cli import _confirm
 from pgwarden.cli._common import connect
@@ -419,6 +420,52 @@ def test_a_bad_duration_is_a_usage_error(value: str) -> None:
     assert result.exit_code == 2
     assert "Invalid value for '--older-than'" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_a_user_name_that_looks_like_a_pattern_means_that_user(
+    dsn: str, admin: Conn, sessions: Sessions, roles: Roles
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    literal, lookalike = f"pgw_rep{tag}[1]", f"pgw_rep{tag}1"
+    for name in (literal, lookalike):
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+        roles.names.append(name)
+    mine = sessions.in_transaction("worker", user=literal)
+    theirs = sessions.in_transaction("worker", user=lookalike)
+
+    def pick(user: str) -> set[int]:
+        args = ("--dry-run", "--older-than", "0", "--user", user)
+        return selected(invoke_json("kill-idle", "--dsn", dsn, *args))
+
+    assert pick(literal) == {pid(mine)}
+    assert pick(f"pgw_rep{tag}[1x]") == {pid(theirs)}  # no such user: a pattern
+
+
+def test_an_audit_log_that_cannot_be_written_stops_everything_first(
+    dsn: str, admin: Conn, sessions: Sessions, app_user: str, tmp_path: Path
+) -> None:
+    victim = sessions.in_transaction("worker", user=app_user)
+    result = invoke(
+        "kill-idle", "--dsn", dsn, "--older-than", "0", "--yes",
+        "--audit-log", str(tmp_path / "missing" / "audit.jsonl"),
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "cannot write the audit log" in result.stderr
+    assert "Traceback" not in result.output
+    assert alive(admin, victim)
+
+
+def test_a_timeout_over_an_hour_is_a_usage_error() -> None:
+    result = invoke("kill-idle", "--timeout", "2h")
+    assert result.exit_code == 2
+    assert "longer than 3600 s" in result.stderr
+
+
+def test_a_malformed_dsn_is_one_line_without_the_password() -> None:
+    result = invoke("kill-idle", "--dsn", "postgresql://app:s3cret pw@127.0.0.1/db")
+    assert result.exit_code == 2
+    assert "is not a valid connection string" in result.stderr
+    assert "s3cret" not in result.output and "Traceback" not in result.output
 
 
 def test_its_own_session_is_never_listed(

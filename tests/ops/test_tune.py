@@ -13,6 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -382,6 +383,63 @@ def test_a_role_that_may_not_alter_system_is_told_what_to_do_instead(
         admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
+def test_a_role_that_may_not_reload_changes_nothing(
+    dsn: str, admin: psycopg.Connection[tuple[Any, ...]]
+) -> None:
+    # It may ALTER SYSTEM this setting, but not call pg_reload_conf(): the
+    # change would sit in postgresql.auto.conf until some later reload.
+    role = f"pgw_tune_{uuid.uuid4().hex[:8]}"
+    admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    for grant in (
+        "GRANT ALTER SYSTEM ON PARAMETER max_connections TO {}",
+        # To read postgresql.auto.conf, which the undo puts back:
+        "GRANT EXECUTE ON FUNCTION pg_show_all_file_settings() TO {}",
+        "GRANT SELECT ON pg_file_settings TO {}",
+    ):
+        admin.execute(sql.SQL(grant).format(sql.Identifier(role)))
+    try:
+        before = auto_conf(dsn)
+        as_role = make_conninfo(dsn, user=role)
+        args = ("--apply", "--yes", "--only", "max_connections", "--pool-size", "1000")
+        result = invoke(*args, "--dsn", as_role)
+        assert result.exit_code == 1, result.output
+        assert "may not call pg_reload_conf()" in result.stdout
+        assert auto_conf(dsn) == before
+        # Had the refusal not caught it: the change written is taken back.
+        with psycopg.connect(as_role, autocommit=True) as conn:
+            server = tune.read_settings(conn)
+            assert not server.may_reload
+            recs = [r for r in recommend(server, 1000) if r.name == "max_connections"]
+            with pytest.raises(tune.ApplyFailed, match="nothing was changed"):
+                tune.apply(conn, replace(server, may_reload=True), recs)
+        assert auto_conf(dsn) == before
+    finally:
+        for revoke in (
+            "REVOKE ALTER SYSTEM ON PARAMETER max_connections FROM {}",
+            "REVOKE EXECUTE ON FUNCTION pg_show_all_file_settings() FROM {}",
+            "REVOKE SELECT ON pg_file_settings FROM {}",
+            "DROP ROLE {}",
+        ):
+            admin.execute(sql.SQL(revoke).format(sql.Identifier(role)))
+
+
+def test_a_role_that_may_run_the_file_function_but_not_read_the_view(
+    dsn: str, admin: psycopg.Connection[tuple[Any, ...]]
+) -> None:
+    role = f"pgw_tune_{uuid.uuid4().hex[:8]}"
+    admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    grant = "GRANT EXECUTE ON FUNCTION pg_show_all_file_settings() TO {}"
+    admin.execute(sql.SQL(grant).format(sql.Identifier(role)))
+    try:
+        result = invoke("--json", "--dsn", make_conninfo(dsn, user=role))
+        assert result.exit_code in (0, 1), result.output
+        assert parsed(result)["recommendations"]
+    finally:
+        revoke = "REVOKE EXECUTE ON FUNCTION pg_show_all_file_settings() FROM {}"
+        admin.execute(sql.SQL(revoke).format(sql.Identifier(role)))
+        admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -406,12 +464,18 @@ def test_an_unreachable_server_is_one_line_and_exit_2_without_the_password() -> 
 
 @pytest.mark.parametrize(
     "args",
-    [("--memory", "lots"), ("--only", "fsync"), ("--pool-size", "0")],
-    ids=["memory", "only", "pool-size"],
+    [
+        ("--memory", "lots"),
+        ("--only", "fsync"),
+        ("--pool-size", "0"),
+        ("--pool-size", "300000"),  # more than any server's max_connections
+    ],
+    ids=["memory", "only", "pool-size", "pool-size-too-big"],
 )
 def test_bad_options_are_usage_errors(args: tuple[str, str]) -> None:
     result = invoke(*args, "--dsn", "host=127.0.0.1 port=1")
     assert result.exit_code == 2
+    assert f"Invalid value for '{args[0]}'" in result.stderr  # not the server
     assert "Traceback" not in result.output
 
 

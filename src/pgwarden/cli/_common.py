@@ -12,9 +12,11 @@ import click
 import psycopg
 from rich.console import Console
 
-from pgwarden._conninfo import with_session
+from pgwarden._conninfo import conninfo_problem, with_session
 from pgwarden.config import PoolConfig, parse_duration
 from pgwarden.errors import ConfigError
+
+from ._group import CliError
 
 __all__ = [
     "confirmed",
@@ -64,7 +66,12 @@ def connect(dsn: str | None) -> psycopg.Connection[Any]:
     the server can't be reached: the command group turns both into one line
     on stderr and exit status 2.
     """
-    conninfo = PoolConfig.from_env().conninfo if dsn is None else dsn
+    if dsn is None:
+        conninfo = PoolConfig.from_env().conninfo
+    elif problem := conninfo_problem(dsn):  # libpq's words, without the password
+        raise CliError(f"--dsn is not a valid connection string: {problem}")
+    else:
+        conninfo = dsn
     conninfo = with_session(
         conninfo,
         application_name=APPLICATION_NAME,
@@ -115,9 +122,10 @@ def make_console(*, stderr: bool = False) -> Console:
 
 
 def duration(
-    *, allow_zero: bool = True
+    *, allow_zero: bool = True, at_most: float | None = None
 ) -> Callable[[click.Context, click.Parameter, str | None], float | None]:
-    """An option callback reading ``5m``, ``30s``, ``500ms``, ``1.5h`` or seconds."""
+    """An option callback reading ``5m``, ``30s``, ``500ms``, ``1.5h`` or
+    seconds; with `at_most`, longer durations are refused."""
 
     def convert(
         ctx: click.Context, param: click.Parameter, value: str | None
@@ -126,9 +134,14 @@ def duration(
             return None
         source = param.opts[0] if param.opts else "duration"
         try:
-            return parse_duration(value, source, allow_zero=allow_zero)
+            seconds = parse_duration(value, source, allow_zero=allow_zero)
         except ConfigError as exc:
             raise click.BadParameter(str(exc), ctx, param) from None
+        if at_most is not None and seconds > at_most:
+            raise click.BadParameter(
+                f"{value!r} is longer than {at_most:g} s", ctx, param
+            )
+        return seconds
 
     return convert
 

@@ -9,6 +9,7 @@ exit 1 if any was refused, timed out or failed.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -23,6 +24,7 @@ from pgwarden.monitor.snapshot import Session
 from pgwarden.ops.audit import AuditLog
 from pgwarden.ops.sessions import (
     DEFAULT_TIMEOUT,
+    MAX_TIMEOUT,
     Action,
     Criteria,
     Outcome,
@@ -144,7 +146,7 @@ def action_options(done: str) -> Callable[[F], F]:
             ),
             click.option(
                 "--timeout",
-                callback=duration(allow_zero=False),
+                callback=duration(allow_zero=False, at_most=MAX_TIMEOUT),
                 default=f"{DEFAULT_TIMEOUT:g}s",
                 show_default=True,
                 metavar="DURATION",
@@ -318,6 +320,17 @@ def selection_notes(selection: Selection, *, superusers_hint: bool = True) -> Te
     return Text("\n".join(lines), style="dim")
 
 
+def writable_audit_log(path: str | os.PathLike[str] | None) -> AuditLog:
+    """The audit log at `path`, opened once to be sure it can be written before
+    anything changes: a log that fails midway would leave changes unrecorded."""
+    if path is not None:
+        try:
+            open(path, "a").close()
+        except OSError as exc:
+            raise CliError(f"cannot write the audit log: {exc}") from None
+    return AuditLog(path)
+
+
 def carry_out(
     report: SignalReport,
     options: ActionOptions,
@@ -366,7 +379,7 @@ def carry_out(
     def show(session: Session, result: SignalResult) -> None:
         console.print(_result_line(result))
 
-    results = signal(AuditLog(options.audit_log), None if as_json else show)
+    results = signal(writable_audit_log(options.audit_log), None if as_json else show)
     report = replace(report, results=results)
     if as_json:
         echo_json(json_of(report))

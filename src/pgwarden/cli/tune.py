@@ -15,7 +15,6 @@ from rich.text import Text
 
 from pgwarden.config import PoolConfig
 from pgwarden.ops import tune as ops
-from pgwarden.ops.audit import AuditLog
 
 from ._common import (
     confirmed,
@@ -27,6 +26,7 @@ from ._common import (
     make_console,
     stdin_is_terminal,
 )
+from ._confirm import writable_audit_log
 from ._group import CliError
 
 __all__ = ["tune"]
@@ -46,17 +46,21 @@ def _memory(
         raise click.BadParameter(str(exc)) from None
 
 
+# PostgreSQL's largest max_connections.
+MAX_BACKENDS = 262_143
+
+
 @click.command()
 @click.option(
     "--pool-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_BACKENDS),
     metavar="N",
     help="Connections in one application instance's pool."
     " Default: DB_MAX_CONNECTIONS, as the pool reads it (40 if unset).",
 )
 @click.option(
     "--instances",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_BACKENDS),
     default=1,
     show_default=True,
     metavar="N",
@@ -186,13 +190,9 @@ def _apply(
         if not confirmed(f"Apply these {len(changes)} changes?"):
             click.echo("Not confirmed: nothing changed.", err=True)
             return EXIT_DRIFT
-    if audit_log is not None:
-        try:  # before any change: a log that can't be written stops nothing midway
-            audit_log.open("a").close()
-        except OSError as exc:
-            raise CliError(f"cannot write the audit log: {exc}") from None
+    log = writable_audit_log(audit_log)
     try:
-        report.applied = ops.apply(conn, report.server, changes, AuditLog(audit_log))
+        report.applied = ops.apply(conn, report.server, changes, log)
     except ops.ApplyFailed as exc:
         click.echo(f"Error: {exc}", err=True)
         return EXIT_DRIFT

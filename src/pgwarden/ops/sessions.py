@@ -24,9 +24,10 @@ state is unknown, and `Selection.visibility_note` says so.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from fnmatch import fnmatchcase
 from typing import Any, Literal
@@ -57,6 +58,7 @@ Clock = Literal["state", "query"]
 """Which age `Criteria.older_than` bounds: time in state, or the query's age."""
 
 DEFAULT_TIMEOUT = 5.0
+MAX_TIMEOUT = 3600.0  # the wait is also a statement_timeout, which stops at ~24 days
 _POLL_INTERVAL = 0.05
 _STATEMENT_MARGIN_MS = 5_000  # over the wait, for the signalling statement
 
@@ -166,7 +168,8 @@ class Selection:
 
 def select_sessions(snapshot: ServerSnapshot, criteria: Criteria) -> Selection:
     """The sessions of ``snapshot`` that match ``criteria``, oldest first."""
-    matching = [s for s in snapshot.sessions if criteria.matches(s, snapshot.database)]
+    rules = _names_taken_literally(criteria, snapshot)
+    matching = [s for s in snapshot.sessions if rules.matches(s, snapshot.database)]
     matching.sort(key=lambda s: (-(criteria.age(s) or 0.0), s.pid))
     allowed = criteria.include_superusers
     return Selection(
@@ -175,6 +178,27 @@ def select_sessions(snapshot: ServerSnapshot, criteria: Criteria) -> Selection:
         sessions=tuple(s for s in matching if allowed or not s.superuser),
         superusers_left_out=tuple(s for s in matching if not allowed and s.superuser),
     )
+
+
+def _names_taken_literally(criteria: Criteria, snapshot: ServerSnapshot) -> Criteria:
+    """``criteria`` with each pattern that is also the name of a listed role or
+    application taken as that name: ``--user 'rep[1]'`` means the role
+    ``rep[1]``, not ``rep1``."""
+    users = {s.user for s in snapshot.sessions}
+    apps = {s.application_name for s in snapshot.sessions}
+    return replace(
+        criteria,
+        users=tuple(_literal(p) if p in users else p for p in criteria.users),
+        applications=tuple(
+            _literal(p) if p in apps else p for p in criteria.applications
+        ),
+    )
+
+
+def _literal(name: str) -> str:
+    """A glob pattern matching only `name`: fnmatch has no escape, but a
+    bracketed character stands for itself."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def find_sessions(conn: psycopg.Connection[Any], criteria: Criteria) -> Selection:

@@ -81,6 +81,12 @@ def apply_refusal(
         if rec.is_change and not server.settings[rec.name].may_alter
     ]
     if not denied:
+        if not server.may_reload:
+            return (
+                f"role {server.role!r} may not call pg_reload_conf(): the changes"
+                " would be written but not loaded"
+                " (GRANT EXECUTE ON FUNCTION pg_reload_conf() TO it)"
+            )
         return None
     grant = (
         " or the ALTER SYSTEM privilege on each (GRANT ALTER SYSTEM ON PARAMETER)"
@@ -138,12 +144,7 @@ def apply(
         try:
             conn.execute(statement)
         except psycopg.Error as exc:
-            kept = _undo(conn, server, done, audit, where)
-            outcome = (
-                f"could not put back {', '.join(kept)}: check postgresql.auto.conf"
-                if kept
-                else "nothing was changed"
-            )
+            outcome = _undo(conn, server, done, audit, where)
             raise ApplyFailed(
                 f"ALTER SYSTEM SET {rec.name} failed: {_first_line(exc)}; {outcome}"
             ) from None
@@ -157,7 +158,13 @@ def apply(
             needs_restart=rec.needs_restart,
             **where,
         )
-    conn.execute("SELECT pg_catalog.pg_reload_conf()")
+    try:
+        conn.execute("SELECT pg_catalog.pg_reload_conf()")
+    except psycopg.Error as exc:
+        outcome = _undo(conn, server, done, audit, where)
+        raise ApplyFailed(
+            f"reloading the configuration failed: {_first_line(exc)}; {outcome}"
+        ) from None
     return _settle(conn, changes)
 
 
@@ -167,8 +174,8 @@ def _undo(
     done: Sequence[Recommendation],
     audit: AuditLog,
     where: Mapping[str, Any],
-) -> list[str]:
-    """Put back postgresql.auto.conf as it was; the names that could not be."""
+) -> str:
+    """Put back postgresql.auto.conf as it was; say how that went."""
     kept = []
     for rec in reversed(done):
         if server.auto_conf is None:
@@ -186,7 +193,9 @@ def _undo(
             kept.append(rec.name)
             continue
         audit.record("alter_system_undo", setting=rec.name, value=previous, **where)
-    return kept
+    if kept:
+        return f"could not put back {', '.join(kept)}: check postgresql.auto.conf"
+    return "nothing was changed"
 
 
 def _settle(

@@ -83,6 +83,7 @@ class ServerSettings:
     alter_system_enabled: bool
     settings: Mapping[str, Setting]
     auto_conf: Mapping[str, str] | None = None
+    may_reload: bool = True  # may call pg_reload_conf()
 
     def value(self, name: str, default: int = 0) -> int:
         setting = self.settings.get(name)
@@ -94,8 +95,11 @@ class ServerSettings:
 _ROLE_SQL = """\
 SELECT r.rolname, r.rolsuper,
        pg_catalog.current_setting('allow_alter_system', true) AS allow_alter_system,
+       pg_catalog.has_table_privilege('pg_catalog.pg_file_settings', 'SELECT')
+       AND pg_catalog.has_function_privilege(
+           'pg_catalog.pg_show_all_file_settings()', 'EXECUTE') AS reads_files,
        pg_catalog.has_function_privilege(
-           'pg_catalog.pg_show_all_file_settings()', 'EXECUTE') AS reads_files
+           'pg_catalog.pg_reload_conf()', 'EXECUTE') AS reloads
 FROM pg_catalog.pg_roles AS r
 WHERE r.rolname = CURRENT_USER
 """
@@ -176,4 +180,5 @@ def read_settings(
         alter_system_enabled=role["allow_alter_system"] != "off",
         settings=settings,
         auto_conf=auto_conf,
+        may_reload=bool(role["reloads"]),
     )
