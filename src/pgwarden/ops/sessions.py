@@ -58,7 +58,7 @@ Clock = Literal["state", "query"]
 """Which age `Criteria.older_than` bounds: time in state, or the query's age."""
 
 DEFAULT_TIMEOUT = 5.0
-MAX_TIMEOUT = 3600.0  # the wait is also a statement_timeout, which stops at ~24 days
+MAX_TIMEOUT = 3600.0  # longer is a slip (statement_timeout itself stops at ~24 days)
 _POLL_INTERVAL = 0.05
 _STATEMENT_MARGIN_MS = 5_000  # over the wait, for the signalling statement
 
