@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import psycopg
 from psycopg import errors as e
-from psycopg import generators, postgres, waiting
-from psycopg.abc import RV, Dumper, Loader, PQGen
-from psycopg.adapt import AdaptersMap
+from psycopg import generators, waiting
+from psycopg.abc import RV, PQGen
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
-from psycopg.types import TypeInfo, TypesRegistry
 
 from ..errors import ConnectionReturned, QueryTimeout
+from ._adapters import watched_adapters
 from ._cancel import abandon
 
 if True:  # ASYNC
@@ -188,7 +187,7 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
     def _pgw_fresh_adapters(self) -> None:
         """Give the connection adapters of its own, made from psycopg's
         global ones, that notice what a borrower registers on them."""
-        self._adapters = _Adapters(postgres.adapters)
+        self._adapters = watched_adapters()
 
     def __copy__(self) -> NoReturn:
         # A copy would share the pool's connection but not the loan: it would
@@ -220,41 +219,3 @@ class AsyncReturnedConnection(AsyncPooledConnection):
 
     def __repr__(self) -> str:
         return f"<{AsyncPooledConnection.__qualname__} [returned to the pool]>"
-
-
-class _Adapters(AdaptersMap):
-    """A pooled connection's adapters: `changed` once a borrower registers a
-    loader, a dumper or (on `types`) a type on them.
-
-    A flag of its own, because psycopg's flags for the tables a map owns
-    are cleared whenever a cursor is made from it.
-    """
-
-    def __init__(self, template: AdaptersMap) -> None:
-        super().__init__(template)
-        self.types: _Types = _Types(template.types)
-        self.changed = False
-
-    def register_dumper(self, cls: type | str | None, dumper: type[Dumper]) -> None:
-        self.changed = True
-        super().register_dumper(cls, dumper)
-
-    def register_loader(self, oid: int | str, loader: type[Loader]) -> None:
-        self.changed = True
-        super().register_loader(oid, loader)
-
-
-class _Types(TypesRegistry):
-    """A pooled connection's type registry: `changed` once a type is added."""
-
-    def __init__(self, template: TypesRegistry) -> None:
-        super().__init__(template)
-        self.changed = False
-
-    def add(self, info: TypeInfo) -> None:
-        self.changed = True
-        super().add(info)
-
-    def clear(self) -> None:
-        self.changed = True
-        super().clear()

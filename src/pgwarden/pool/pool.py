@@ -896,7 +896,7 @@ class _ConnectionBlock:
         exc_tb: TracebackType | None,
     ) -> None:
         conn = self._conn
-        assert isinstance(conn, PooledConnection)
+        assert conn is not _ENTERED  # entered and lent
         self._conn = _ENTERED
         pool = self._pool
         entry = conn._pgw_entry

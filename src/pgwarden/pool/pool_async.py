@@ -1034,7 +1034,7 @@ class _AsyncConnectionBlock:
         exc_tb: TracebackType | None,
     ) -> None:
         conn = self._conn
-        assert isinstance(conn, AsyncPooledConnection)
+        assert conn is not _ENTERED  # entered and lent
         self._conn = _ENTERED
         pool = self._pool
         entry = conn._pgw_entry
