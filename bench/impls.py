@@ -242,6 +242,14 @@ class PgwardenNoLeak(Pgwarden):
     cells = frozenset({"acquire"})
 
 
+class PgwardenAdaptive(Pgwarden):
+    """`pgwarden.Pool` with `adaptive_concurrency` on, where callers queue."""
+
+    name = "pgwarden+adaptive"
+    overrides = {"adaptive_concurrency": True}
+    cells = frozenset({"select1-64x4", "select1-64x16", "txn-16x8"})
+
+
 class PgwardenAsync(AsyncImpl):
     """`pgwarden.AsyncPool` with its defaults."""
 
@@ -272,6 +280,14 @@ class PgwardenNoLeakAsync(PgwardenAsync):
     cells = frozenset({"acquire"})
 
 
+class PgwardenAdaptiveAsync(PgwardenAsync):
+    """`pgwarden.AsyncPool` with `adaptive_concurrency` on, where callers queue."""
+
+    name = "pgwarden+adaptive-async"
+    overrides = {"adaptive_concurrency": True}
+    cells = frozenset({"select1-64x4", "select1-64x16", "txn-16x8"})
+
+
 SYNC_IMPLS: tuple[type[SyncImpl], ...] = (
     Direct,
     PsycopgPool,
@@ -280,6 +296,7 @@ SYNC_IMPLS: tuple[type[SyncImpl], ...] = (
     SqlalchemyPrePing,
     Pgwarden,
     PgwardenNoLeak,
+    PgwardenAdaptive,
 )
 ASYNC_IMPLS: tuple[type[AsyncImpl], ...] = (
     DirectAsync,
@@ -289,4 +306,5 @@ ASYNC_IMPLS: tuple[type[AsyncImpl], ...] = (
     AsyncpgNoReset,
     PgwardenAsync,
     PgwardenNoLeakAsync,
+    PgwardenAdaptiveAsync,
 )

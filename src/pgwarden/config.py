@@ -43,6 +43,7 @@ ENV_VARS: Final[Mapping[str, str]] = MappingProxyType(
         "max_lifetime": "DB_MAX_LIFETIME",
         "leak_detection_threshold": "DB_LEAK_DETECTION_THRESHOLD",
         "max_waiting": "DB_MAX_WAITING",
+        "adaptive_concurrency": "DB_ADAPTIVE_CONCURRENCY",
         "lanes": "DB_LANES",
         "application_name": "DB_APPLICATION_NAME",
         "reset_query": "DB_RESET_QUERY",
@@ -76,7 +77,7 @@ _OPTIONAL_DURATIONS: Final = (  # 0 turns these off
     "max_lifetime",
     "leak_detection_threshold",
 )
-_BOOLS: Final = ("test_on_borrow", "test_while_idle")
+_BOOLS: Final = ("test_on_borrow", "test_while_idle", "adaptive_concurrency")
 # Fields sent to the server as settings, and the largest value it accepts.
 _SERVER_SETTINGS: Final = {
     "statement_timeout": "statement_timeout",
@@ -402,6 +403,9 @@ class PoolConfig:
         leak_detection_threshold: report a connection held longer; 0 = off.
         max_waiting: callers that may wait at once, more are refused (but
             not within their lane's reservation); 0 = no bound.
+        adaptive_concurrency: while callers queue, lend fewer connections at
+            once if that keeps or raises throughput (measured; see
+            `pgwarden.pool._adaptive`); reservations are never held back.
         lanes: LaneSpecs, ``{name: (reserved, limit)}`` or the string
             ``"name:reserved:limit,..."``; a lane named ``default`` serves
             the borrows that name no lane. The sum of the reservations and
@@ -431,6 +435,7 @@ class PoolConfig:
     max_lifetime: float = 1800.0
     leak_detection_threshold: float = 60.0
     max_waiting: int = 0
+    adaptive_concurrency: bool = False
     lanes: tuple[LaneSpec, ...] = ()
     application_name: str = "pgwarden"
     reset_query: str = ""

@@ -142,6 +142,7 @@ def test_pool_and_lane_metrics(pool: Pool, monitor: HealthMonitor) -> None:
     assert sum(states.values()) == stats.size
     assert scrape("pgwarden_pool_min_connections", pool="app") == 1
     assert scrape("pgwarden_pool_max_connections", pool="app") == 4
+    assert scrape("pgwarden_pool_lend_limit", pool="app") == 4
     assert scrape("pgwarden_pool_waiting_callers", pool="app") == 0
     assert scrape("pgwarden_pool_longest_held_seconds", pool="app") >= 0
     assert scrape("pgwarden_pool_leaked_connections", pool="app") == 0

@@ -272,14 +272,98 @@ def test_wait_percentiles() -> None:
     assert stats.wait_sum_seconds == pytest.approx(3.0)
 
 
+class ScriptedLimit:
+    """Stands in for `AdaptiveLimit`: moves to `next` at the next `ended()`."""
+
+    def __init__(self, floor: int, ceiling: int) -> None:
+        self.floor, self.ceiling, self.limit = floor, ceiling, ceiling
+        self.next: int | None = None
+
+    def ended(self, now: float) -> bool:
+        if self.next is None:
+            return False
+        self.limit, self.next = self.next, None
+        return True
+
+    def stalled(self) -> None:
+        self.limit = self.ceiling
+
+    def resize(self, floor: int, ceiling: int) -> None:
+        self.floor, self.ceiling, self.limit = floor, ceiling, ceiling
+
+
+def _adaptive_core(n_idle: int, **kwargs: Any) -> PoolCore:
+    core = make_core(min_size=0, max_size=4, adaptive=True, **kwargs)
+    for _ in range(n_idle):
+        core.entries.add(e := core.new_entry(object(), 1, 0.0))
+        core.idle.append(e)
+    return core
+
+
+def test_the_adaptive_limit_holds_back_all_but_reservations() -> None:
+    core = _adaptive_core(4, lanes=[LaneSpec("calls", 1, 2)])
+    assert core.adaptive is not None and core.adaptive.floor == 2
+    core.cap = 2  # the controller's choice
+    default, calls = core.default_lane, core.lanes["calls"]
+    assert core.try_acquire(default, 0.0) is not None
+    assert core.try_acquire(default, 0.0) is None  # 2 committed: 1 + calls' 1
+    assert core.try_acquire(calls, 0.0) is not None  # its reservation
+    assert core.try_acquire(calls, 0.0) is None  # beyond it: held back
+    assert len(core.idle) == 2
+
+
+def test_a_caller_holding_a_connection_passes_the_adaptive_limit() -> None:
+    core = _adaptive_core(2)
+    core.cap = 1
+    lane = core.default_lane
+    held = core.try_acquire(lane, 0.0)
+    assert held is not None and core.try_acquire(lane, 0.0) is None
+    held.holder = "thread 1"
+    # Another caller waits; the holder asking again could wait on itself.
+    assert core.try_acquire_holding(lane, 0.0, "thread 2") is None
+    assert core.try_acquire_holding(lane, 0.0, "thread 1") is not None
+    assert core.cap == 1 and core.busy == 2
+
+
+def test_a_raised_adaptive_limit_serves_every_waiter_it_lets_in() -> None:
+    core = _adaptive_core(4)
+    core.cap = 1
+    held = core.try_acquire(core.default_lane, 0.0)
+    assert held is not None
+    waiters = [FakeWaiter(core.default_lane) for _ in range(4)]
+    for w in waiters:
+        core.enqueue(w, 0.0, deadline=10.0)  # type: ignore[arg-type]
+    core.adaptive = scripted = ScriptedLimit(1, 4)  # type: ignore[assignment]
+    scripted.next = 4  # its probe raises the limit at the next give-back
+    first = core.release(held, 0.1, reusable=True)
+    assert first is waiters[0] and first.entry is held
+    woken = core.pop_woken()
+    assert woken == waiters[1:4] and all(w.entry is not None for w in woken)
+    assert core.busy == 4 and core.cap == 4 and core.pop_woken() == []
+
+
+def test_callers_waiting_long_beside_idle_connections_lift_the_limit() -> None:
+    core = _adaptive_core(2, test_while_idle=False)
+    core.cap = 1
+    held = core.try_acquire(core.default_lane, 0.0)
+    assert held is not None
+    waiter = FakeWaiter(core.default_lane)
+    core.enqueue(waiter, 0.0, deadline=100.0)  # type: ignore[arg-type]
+    assert core.maintain(_core.STALL_AFTER / 2).served == []
+    act = core.maintain(_core.STALL_AFTER + 0.1)
+    assert act.served == [waiter] and waiter.entry is not None
+    assert core.cap == core.max_size == 4
+
+
 class CoreMachine(RuleBasedStateMachine):
     """Random walks over the core; invariants after every step."""
 
     @initialize(
         max_size=st.integers(1, 6),
         reserved=st.lists(st.integers(0, 2), min_size=0, max_size=3),
+        adaptive=st.booleans(),
     )
-    def setup(self, max_size: int, reserved: list[int]) -> None:
+    def setup(self, max_size: int, reserved: list[int], adaptive: bool) -> None:
         lanes = []
         left = max_size
         for i, r in enumerate(reserved):
@@ -293,7 +377,10 @@ class CoreMachine(RuleBasedStateMachine):
             max_lifetime=50.0,
             idle_timeout=5.0,
             leak_threshold=20.0,
+            adaptive=adaptive,
         )
+        if adaptive:  # moved by the rule below, not by measurements
+            self.core.adaptive = ScriptedLimit(self.core.adaptive.floor, max_size)  # type: ignore[union-attr]
         self.now = 0.0
         self.held: list[Entry] = []
         self.waiters: list[FakeWaiter] = []
@@ -321,6 +408,8 @@ class CoreMachine(RuleBasedStateMachine):
     def give_back(self, i: int, reusable: bool) -> None:
         entry = self.held.pop(i % len(self.held))
         self._collect(self.core.release(entry, self.now, reusable))
+        for waiter in self.core.pop_woken():
+            self._collect(waiter)
         self.core.pop_to_close()
         self.core.wanted_connects(self.now)
 
@@ -339,9 +428,28 @@ class CoreMachine(RuleBasedStateMachine):
             if waiter.state == _core.WAITING:
                 self.core.expire_waiter(waiter, self.now)  # type: ignore[arg-type]
         act = self.core.maintain(self.now)
+        for waiter in act.served:
+            self._collect(waiter)
         for entry in act.check:
             self._collect(self.core.check_done(entry, self.now, ok=entry.pid % 3 != 0))
         self.core.pop_to_close()
+
+    @precondition(lambda self: self.core.adaptive is not None)
+    @rule(limit=st.integers(1, 6))
+    def move_adaptive_limit(self, limit: int) -> None:
+        """A probe picks `limit`, at a give-back with callers queuing if there
+        is one to make, else as the maintenance does after a stall."""
+        core = self.core
+        scripted = core.adaptive
+        assert isinstance(scripted, ScriptedLimit)
+        scripted.next = max(scripted.floor, min(limit, scripted.ceiling))
+        if self.held and core.n_waiting:
+            self._collect(core.release(self.held.pop(0), self.now, True))
+        else:
+            core.cap = scripted.limit = scripted.next
+            core._serve_more(self.now)
+        for waiter in core.pop_woken():
+            self._collect(waiter)
 
     @precondition(lambda self: any(w.state == _core.WAITING for w in self.waiters))
     @rule(i=st.integers(0, 100))

@@ -508,6 +508,73 @@ def test_max_waiting_does_not_lock_a_lane_out_of_its_reservation(
             pool.putconn(conn)
 
 
+# -- adaptive concurrency --------------------------------------------------
+
+
+def hold_lending_to(pool: Pool, limit: int) -> None:
+    """Set the adaptive limit as a probe would. White box: measuring takes
+    seconds of load, and no probe moves it in a test's few borrows."""
+    core = pool._core
+    assert core.adaptive is not None and core.adaptive.floor <= limit
+    core.adaptive.limit = core.cap = limit
+
+
+def test_adaptive_concurrency_never_holds_a_caller_back_from_itself(
+    dsn: str,
+) -> None:
+    with small_pool(dsn, min_size=2, max_size=2, adaptive_concurrency=True) as pool:
+        pool.wait(5)
+        hold_lending_to(pool, 1)
+        with pool.connection(timeout=2) as outer:
+            t0 = time.monotonic()
+            # Held back, it would wait for itself until its timeout.
+            with pool.connection(timeout=2) as inner:
+                assert query_pid(inner) != query_pid(outer)
+            assert time.monotonic() - t0 < 1.0
+        assert pool.stats().lend_limit == 1
+
+
+def test_a_caller_held_back_beside_idle_connections_gets_one_soon(
+    dsn: str,
+) -> None:
+    with small_pool(dsn, min_size=2, max_size=2, adaptive_concurrency=True) as pool:
+        pool.wait(5)
+        hold_lending_to(pool, 1)
+        held = pool.getconn()  # whose borrower waits on another caller
+
+        def other() -> float:
+            t0 = time.monotonic()
+            with pool.connection(timeout=8) as conn:
+                query_pid(conn)
+            return time.monotonic() - t0
+
+        (waited,) = run_all([other])
+        pool.putconn(held)
+        # The maintenance lifts the limit (every second here).
+        assert _core.STALL_AFTER <= waited < _core.STALL_AFTER + 5
+        assert pool.stats().lend_limit == 2
+
+
+def test_adaptive_concurrency_under_load_loses_no_borrow(dsn: str) -> None:
+    with small_pool(dsn, min_size=4, max_size=4, adaptive_concurrency=True) as pool:
+        pool.wait(5)
+        deadline = time.monotonic() + 1.5
+        counts = [0] * 24
+
+        def worker(i: int) -> None:
+            while time.monotonic() < deadline:
+                with pool.connection(timeout=10) as conn:
+                    conn.execute("SELECT 1")
+                counts[i] += 1
+
+        run_all([lambda i=i: worker(i) for i in range(24)])
+        stats = pool.stats()
+        assert all(counts), counts
+        assert stats.borrowed_total >= sum(counts)
+        assert stats.in_use == stats.waiting == 0 and stats.idle == 4
+        assert 1 <= stats.lend_limit <= 4
+
+
 def test_open_wait_times_out_with_the_connection_error(dsn: str) -> None:
     bad = make_conninfo(dsn, port=free_port())
     pool = small_pool(bad, min_size=1)
@@ -1145,6 +1212,7 @@ def test_stats_fields(dsn: str) -> None:
             stats = pool.stats()
             assert stats.in_use == 1 and stats.lanes["x"].in_use == 1
             assert stats.longest_held_seconds >= 0
+            assert stats.lend_limit == 2  # adaptive_concurrency is off
         d = pool.stats().as_dict()
         for key in (
             "size",

@@ -161,6 +161,12 @@ def _pool_metrics(pools: Sequence[MonitoredPool]) -> Iterator[Metric]:
         "The pool's max_size: most connections open at once.",
         ["pool"],
     )
+    lend_limit = _gauge(
+        "pgwarden_pool_lend_limit",
+        "Connections that may be on loan at once: max_connections, or fewer"
+        " while adaptive_concurrency holds lending back.",
+        ["pool"],
+    )
     waiting = _gauge(
         "pgwarden_pool_waiting_callers", "Callers waiting for a connection.", ["pool"]
     )
@@ -191,12 +197,22 @@ def _pool_metrics(pools: Sequence[MonitoredPool]) -> Iterator[Metric]:
             connections.add_metric([name, state], count)
         minimum.add_metric([name], s.min_size)
         maximum.add_metric([name], s.max_size)
+        lend_limit.add_metric([name], s.lend_limit)
         waiting.add_metric([name], s.waiting)
         held.add_metric([name], s.longest_held_seconds)
         leaks = sum(c.leak_suspected for c in pool.describe())
         leaked.add_metric([name], leaks)
         server_up.add_metric([name], 0 if s.server_down else 1)
-    yield from (connections, minimum, maximum, waiting, held, leaked, server_up)
+    yield from (
+        connections,
+        minimum,
+        maximum,
+        lend_limit,
+        waiting,
+        held,
+        leaked,
+        server_up,
+    )
 
     yield _wait_histogram([(pool.name, s) for pool, s in stats])
     for suffix, doc, field in _POOL_COUNTERS:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ..config import LaneSpec
+from ._adaptive import AdaptiveLimit
 
 DEFAULT_LANE = "default"
 
@@ -58,6 +59,10 @@ ROTATION = 2
 # stopped this one halfway, and the pool drops the connection rather than lose
 # its slot for good.
 STRANDED_AFTER = 30.0
+
+# With the adaptive limit holding lending back, a caller that has waited this
+# long while connections sat idle ends it: every connection is lent again.
+STALL_AFTER = 1.0
 
 # While the server is known to be unreachable, a caller waits at most this long.
 FAST_FAIL_WAIT = 1.0
@@ -187,13 +192,14 @@ class Lane:
 class Actions:
     """I/O the shell must do after a maintenance step, outside the lock."""
 
-    __slots__ = ("check", "close", "connects", "leaks")
+    __slots__ = ("check", "close", "connects", "leaks", "served")
 
     def __init__(self) -> None:
         self.close: list[tuple[Entry, str]] = []  # entry, reason
         self.check: list[Entry] = []  # idle entries to validate
         self.connects = 0  # new connections to start opening
         self.leaks: list[Entry] = []  # entries held past the leak threshold
+        self.served: list[Waiter] = []  # waiters to wake
 
 
 class PoolCore:
@@ -213,6 +219,7 @@ class PoolCore:
         test_while_idle: bool = True,
         leak_threshold: float = 0.0,
         rotation: int = ROTATION,
+        adaptive: bool = False,
         rng: random.Random | None = None,
     ) -> None:
         self.min_size = min_size
@@ -235,6 +242,13 @@ class PoolCore:
             self.lanes[DEFAULT_LANE] = Lane(LaneSpec(DEFAULT_LANE, 0, max_size))
         self.default_lane = self.lanes[DEFAULT_LANE]
         self.committed = sum(lane.reserved for lane in self.lanes.values())
+        # How many connections may be lent at once, reservations included:
+        # max_size, or less while the adaptive limit holds lending back.
+        self.cap = max_size
+        self.adaptive = (
+            AdaptiveLimit(self.committed + 1, max_size) if adaptive else None
+        )
+        self._woken: list[Waiter] = []  # served besides the one release() returns
 
         self.idle: list[Entry] = []  # the last one is the most recently given back
         self.entries: set[Entry] = set()  # every open connection
@@ -284,7 +298,7 @@ class PoolCore:
     def can_take(self, lane: Lane) -> bool:
         """Whether `lane` may take one more connection now."""
         return lane.in_use < lane.limit and (
-            lane.in_use < lane.reserved or self.committed < self.max_size
+            lane.in_use < lane.reserved or self.committed < self.cap
         )
 
     # -- borrowing ----------------------------------------------------------
@@ -301,7 +315,7 @@ class PoolCore:
         if not idle or in_use >= lane.limit:
             return None
         owed = in_use < lane.reserved
-        if not owed and self.committed >= self.max_size:
+        if not owed and self.committed >= self.cap:
             return None
         while idle:
             i = len(idle) - 1
@@ -334,6 +348,20 @@ class PoolCore:
             self.borrowed_total += 1
             return entry
         return None
+
+    def try_acquire_holding(self, lane: Lane, now: float, holder: Any) -> Entry | None:
+        """`try_acquire()` past the adaptive limit, for a caller that holds a
+        connection already: held back, it could be waiting on itself."""
+        cap = self.cap
+        if cap >= self.max_size or not any(
+            e.holder == holder for e in self.entries if e.state == BUSY
+        ):
+            return None
+        self.cap = self.max_size
+        try:
+            return self.try_acquire(lane, now)
+        finally:
+            self.cap = cap
 
     def _lease(self, entry: Entry, lane: Lane, now: float) -> None:
         entry.state = BUSY
@@ -498,6 +526,8 @@ class PoolCore:
                 entry.state = IDLE
                 self.idle.append(entry)
                 return None
+            elif self.adaptive is not None and self.adaptive.ended(now):
+                return self._limit_changed(entry, now)
             else:
                 return self._serve(entry, now)
             self._discard(entry, reason)
@@ -511,6 +541,43 @@ class PoolCore:
         if self.n_waiting and self.idle:
             return self._serve(self.idle.pop(), now)
         return None
+
+    # -- the adaptive limit -------------------------------------------------
+
+    def _limit_changed(self, entry: Entry, now: float) -> Waiter | None:
+        """release(), once the adaptive limit moved: hand `entry` on under
+        the new limit, and serve whoever a raised one lets in (`pop_woken`)."""
+        assert self.adaptive is not None
+        self.cap = self.adaptive.limit
+        waiter = self._serve(entry, now)
+        self._serve_more(now)
+        if waiter is None and self._woken:
+            waiter = self._woken.pop()
+        return waiter
+
+    def _serve_more(self, now: float) -> None:
+        while (waiter := self._serve_from_idle(now)) is not None:
+            self._woken.append(waiter)
+
+    def pop_woken(self) -> list[Waiter]:
+        """Waiters served besides the one `release()` returned, to wake."""
+        out = self._woken
+        self._woken = []
+        return out
+
+    def _watch_limit(self, now: float) -> None:
+        """Maintenance: lift the adaptive limit when a caller has waited
+        `STALL_AFTER` seconds while connections sat idle."""
+        adaptive = self.adaptive
+        assert adaptive is not None
+        if not self.n_waiting or self.cap >= self.max_size or not self.idle:
+            return
+        heads = [lane.waiters[0].since for lane in self.lanes.values() if lane.waiters]
+        if not heads or now - min(heads) < STALL_AFTER:
+            return
+        adaptive.stalled()
+        self.cap = adaptive.limit
+        self._serve_more(now)
 
     def _unlease(self, entry: Entry) -> None:
         lane = entry.lane
@@ -678,6 +745,9 @@ class PoolCore:
         act = Actions()
         if self.closed:
             return act
+        if self.adaptive is not None:  # first: the checks below take idle ones
+            self._watch_limit(now)
+            act.served = self.pop_woken()
         idle = self.idle
         # Oldest-used first: the bottom of the stack.
         i = 0
@@ -758,6 +828,10 @@ class PoolCore:
         """
         self.min_size = min_size
         self.max_size = max_size
+        self.cap = max_size
+        if self.adaptive is not None:
+            reserved = sum(lane.reserved for lane in self.lanes.values())
+            self.adaptive.resize(reserved + 1, max_size)
         if self._default_added:
             self.default_lane.limit = max_size
         for lane in self.lanes.values():

@@ -362,6 +362,8 @@ class AsyncPool:
             try:
                 lock.acquire()
                 entry = core.try_acquire(lane, now)
+                if entry is None and core.cap < core.max_size:
+                    entry = core.try_acquire_holding(lane, now, holder)
                 if entry is None:
                     if timeout is None:
                         timeout = self.config.connection_timeout
@@ -771,7 +773,7 @@ class AsyncPool:
         """
         now = monotonic()
         core = self._core
-        failure = waiter = None
+        failure = waiter = woken = None
         lock = self._lock
         try:  # `with lock`, at half the cost: see _getconn()
             lock.acquire()
@@ -783,6 +785,8 @@ class AsyncPool:
                 except Exception as ex:  # a psycopg this pool doesn't know
                     failure, reusable = ex, False
             waiter = core.release(entry, now, reusable)
+            if waiter is not None and core._woken:  # the adaptive limit rose
+                woken = core.pop_woken()
             if core._to_close:
                 self._after_change_locked()
             drained = core.closed and not core.busy
@@ -792,6 +796,8 @@ class AsyncPool:
                 lock.release()
             if waiter is not None:
                 waiter.wake()
+            for other in woken or ():
+                other.wake()
             raise
         if failure is not None:
             logger.warning(
@@ -804,6 +810,9 @@ class AsyncPool:
             if self._seams:
                 self._at_seam_now("assign", entry)
             waiter.wake()
+            if woken is not None:
+                for other in woken:
+                    other.wake()
         if entry.leak_reported:
             logger.info("%s", _messages.unleak_message(entry, self.name, now))
         if drained and self._drained is not None:
@@ -959,6 +968,8 @@ class AsyncPool:
         for waiter in served:
             if waiter is not None:
                 waiter.wake()
+        for waiter in act.served:
+            waiter.wake()
         if drained and self._drained is not None:
             self._drained.set()
         for report in reports:
@@ -1129,6 +1140,7 @@ def _new_core(cfg: PoolConfig) -> PoolCore:
         tests_per_eviction_run=cfg.tests_per_eviction_run,
         test_while_idle=cfg.test_while_idle,
         leak_threshold=cfg.leak_detection_threshold,
+        adaptive=cfg.adaptive_concurrency,
     )
 
 

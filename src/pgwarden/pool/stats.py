@@ -38,6 +38,9 @@ class PoolStats:
     opening: int
     checking: int  # idle connections taken aside to be validated
     waiting: int
+    # Connections that may be on loan at once, reservations included:
+    # max_size, or less while adaptive_concurrency holds lending back.
+    lend_limit: int
     lanes: Mapping[str, LaneStats]
     borrowed_total: int
     timeouts_total: int
@@ -122,6 +125,7 @@ def snapshot(core: PoolCore, name: str, now: float) -> PoolStats:
         opening=core.opening,
         checking=core.checking,
         waiting=core.n_waiting,
+        lend_limit=core.cap,
         lanes={
             lane.name: LaneStats(lane.in_use, lane.n_waiting, lane.reserved, lane.limit)
             for lane in core.lanes.values()
