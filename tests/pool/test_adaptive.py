@@ -60,8 +60,9 @@ def settled_at(seen: list[int]) -> int:
 
 def test_it_lends_fewer_connections_when_that_is_faster() -> None:
     limiter = AdaptiveLimit(1, 16)
-    # Four probes (16, 8, 4, 2, 1) of 2 x PAIRS windows each.
-    now, seen = run(limiter, gil_bound, 1.0)
+    # A short hold at 16, four probes (8, 4, 2, 1) of 2 x PAIRS windows each,
+    # a hold at 1, the same at 16 again to confirm: 1 it is.
+    now, seen = run(limiter, gil_bound, 5.0)
     assert limiter.limit == 1, seen[-20:]
     _, seen = run(limiter, gil_bound, 5.0, now)
     # Probing up now and then costs a few borrows, no more.
@@ -73,6 +74,47 @@ def test_it_keeps_every_connection_when_each_adds_throughput() -> None:
     _, seen = run(limiter, server_bound, 10.0)
     assert limiter.limit == 16
     assert seen.count(16) / len(seen) > 0.9
+
+
+def lagging(model: Model, lag: float) -> Callable[[AdaptiveLimit], Model]:
+    """`model`, but a changed limit shows only after `lag` seconds: what the
+    previous limit left running still counts for a while."""
+
+    def bind(limiter: AdaptiveLimit) -> Model:
+        state = {"limit": limiter.limit, "shown": limiter.limit, "since": 0.0}
+
+        def rate(limit: int) -> float:
+            now = state["clock"]
+            if limit != state["limit"]:
+                state.update(limit=limit, since=now)
+            if now - state["since"] >= lag:
+                state["shown"] = limit
+            return model(int(state["shown"]))
+
+        state["clock"] = 0.0
+        rate.state = state  # type: ignore[attr-defined]
+        return rate
+
+    return bind
+
+
+def short_transactions(limit: int) -> float:
+    """Three round trips per borrow: each connection less costs throughput."""
+    return {1: 3000.0, 2: 3500.0, 4: 4000.0}.get(limit, 5000.0)
+
+
+def test_a_step_down_that_only_looked_faster_is_taken_back() -> None:
+    # The probe's windows at 4 still run on what 8 left: 4 looks as fast.
+    limiter = AdaptiveLimit(1, 8)
+    model = lagging(short_transactions, _adaptive.WINDOW_SECONDS * 1.5)(limiter)
+    seen, now = [], 0.0
+    while now < 20.0:
+        model.state["clock"] = now  # type: ignore[attr-defined]
+        now += 1.0 / model(limiter.limit)
+        seen.append(limiter.limit)
+        limiter.ended(now)
+    assert settled_at(seen) == 8, Counter(seen)
+    assert seen.count(8) / len(seen) > 0.6, Counter(seen)
 
 
 def test_it_finds_the_best_limit_in_between() -> None:
@@ -115,7 +157,7 @@ def test_a_lull_voids_a_running_probe() -> None:
 
 def test_a_busy_spell_starts_where_the_last_one_ended() -> None:
     limiter = AdaptiveLimit(1, 16)
-    now, _ = run(limiter, gil_bound, 1.0)
+    now, _ = run(limiter, gil_bound, 5.0)
     assert limiter.limit == 1
     now, seen = run(limiter, gil_bound, 0.2, now + 10.0)
     assert seen[0] == 1
@@ -123,7 +165,7 @@ def test_a_busy_spell_starts_where_the_last_one_ended() -> None:
 
 def test_stalled_lends_everything_and_waits_long_before_probing() -> None:
     limiter = AdaptiveLimit(1, 16)
-    now, _ = run(limiter, gil_bound, 1.0)
+    now, _ = run(limiter, gil_bound, 5.0)
     assert limiter.limit == 1
     limiter.stalled()
     assert limiter.limit == 16
@@ -149,6 +191,18 @@ def test_kept_is_the_limit_a_probe_is_tried_against() -> None:
         now += 0.001
         limiter.ended(now)
     assert (limiter.limit, limiter.kept) == (8, 16)
+
+
+def test_kept_is_a_step_down_only_once_confirmed() -> None:
+    limiter = AdaptiveLimit(1, 16)
+    now, kept = 0.0, []
+    while now < 5.0:
+        now += 1.0 / gil_bound(limiter.limit)
+        limiter.ended(now)
+        kept.append(limiter.kept)
+    # 16 through the probes and the holds that confirm them, then 1.
+    assert kept[0] == 16 and kept[-1] == 1
+    assert set(kept) == {16, 1}
 
 
 def test_a_change_reports_itself() -> None:

@@ -39,7 +39,8 @@ def test_threads_contending_for_the_gil_get_fewer_connections(dsn: str) -> None:
         adaptive = pool._core.adaptive
         assert adaptive is not None
         try:
-            # A probe's trial limit shows at once; this is a step it kept.
+            # A probe's trial limit shows at once; this is a step confirmed
+            # by holding it, then the limit it came from (seconds).
             wait_until(
                 lambda: adaptive.kept < 8 or errors,
                 timeout=60,

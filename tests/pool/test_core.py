@@ -342,6 +342,23 @@ def test_a_raised_adaptive_limit_serves_every_waiter_it_lets_in() -> None:
     assert core.busy == 4 and core.cap == 4 and core.pop_woken() == []
 
 
+def test_a_timeout_says_when_the_adaptive_limit_held_the_caller_back() -> None:
+    core = _adaptive_core(3)
+    core.cap = 1
+    assert core.try_acquire(core.default_lane, 0.0) is not None
+    message = _messages.timeout_message(core, "p", core.default_lane, 1.0, 1.0)
+    assert "1 of 4 in use" in message
+    assert "adaptive_concurrency lends at most 1 at once" in message
+
+
+def test_resize_lends_everything_again() -> None:
+    core = _adaptive_core(2)
+    assert core.adaptive is not None
+    core.cap = core.adaptive.limit = 1
+    core.resize(0, 6, 0.0)
+    assert core.cap == core.adaptive.limit == core.adaptive.ceiling == 6
+
+
 def test_callers_waiting_long_beside_idle_connections_lift_the_limit() -> None:
     core = _adaptive_core(2, test_while_idle=False)
     core.cap = 1

@@ -36,6 +36,15 @@ PAIRS = 2
 # current limit's, a step up if it reaches this one (steps up must pay).
 DOWN_KEEP = 1.0
 UP_KEEP = 1.05
+# Steps down, once held, must keep this share of the throughput of the limit
+# they started from, held again; after each refuted one in a row, the hold
+# that follows doubles, up to HOLD_MAX << REFUTED_BACKOFF windows.
+CONFIRM = 0.95
+REFUTED_BACKOFF = 4
+# Windows of each of those two holds, and how many of their first ones don't
+# count: a change of limit can take a few hundred milliseconds to show.
+CONFIRM_HOLD = 32
+CONFIRM_SKIP = 8
 # Windows held at a limit between probes: at first, and at most.
 HOLD = 8
 HOLD_MAX = 64
@@ -51,6 +60,7 @@ class AdaptiveLimit:
     """How many connections to lend at once, between `floor` and `ceiling`."""
 
     __slots__ = (
+        "_anchor",
         "_base",
         "_count",
         "_direction",
@@ -58,8 +68,11 @@ class AdaptiveLimit:
         "_hold",
         "_last",
         "_phase",
+        "_recheck",
+        "_refuted",
         "_settling",
         "_started",
+        "_steady",
         "_sums",
         "_trial",
         "ceiling",
@@ -78,6 +91,10 @@ class AdaptiveLimit:
     _count: int
     _started: float
     _sums: list[float]
+    _steady: list[float]  # borrows and seconds of the windows held so far
+    _anchor: int | None  # the limit before the last probes, to confirm against
+    _recheck: tuple[int, float] | None  # a lower limit and its held rate
+    _refuted: int  # steps down taken back in a row
 
     def __init__(self, floor: int, ceiling: int) -> None:
         self.floor = min(floor, ceiling)
@@ -93,8 +110,11 @@ class AdaptiveLimit:
 
     @property
     def kept(self) -> int:
-        """The limit as last decided: while a probe runs, the one it is
-        tried against."""
+        """The limit decided on: not one a probe tries, nor a step down
+        not confirmed yet."""
+        anchor = self._anchor
+        if anchor is not None and anchor > self.limit:
+            return anchor
         return self._base if self._phase >= 0 else self.limit
 
     def resize(self, floor: int, ceiling: int) -> None:
@@ -113,8 +133,7 @@ class AdaptiveLimit:
             if self._phase < 0:
                 return False
             self.limit = self._base  # the probe is void: hold, then try again
-            self._phase = -1
-            self._held = 0
+            self._settle(moved=True)
             return True
         self._last = now
         if self._settling:  # the borrows lent under the previous limit
@@ -138,9 +157,9 @@ class AdaptiveLimit:
         """Callers waited long while connections sat idle (a borrower waiting
         on another one's borrow, say): lend them all, and probe much later."""
         self.limit = self.ceiling
-        self._phase = -1
-        self._held = 0
+        self._anchor = self._recheck = None
         self._hold = HOLD_MAX
+        self._settle(moved=True)
 
     def _restart(self, now: float) -> None:
         self._settling = 0  # borrows to skip before a window starts
@@ -148,17 +167,32 @@ class AdaptiveLimit:
         self._started = now
         self._phase = -1
         self._held = 0
-        self._hold = 1  # the first window warms up, then a probe
+        self._hold = 2  # a first measure to confirm steps down against
         self._base = self._trial = self.limit
         self._direction = DOWN
         self._sums = [0.0, 0.0, 0.0, 0.0]  # trial: borrows, seconds; base: same
+        self._steady = [0.0, 0.0]
+        self._anchor = None
+        self._recheck = None
+        self._refuted = 0
 
     def _window_done(self, borrows: int, seconds: float) -> None:
         phase = self._phase
         if phase < 0:  # holding
             self._held += 1
-            if self._held >= self._hold:
-                self._probe_down_or_up()
+            steady = self._steady
+            confirming = self._recheck is not None or (
+                self._anchor is not None and self._anchor > self.limit
+            )
+            # The first windows still show the last change.
+            if self._held > (CONFIRM_SKIP if confirming else 1):
+                steady[0] += borrows
+                steady[1] += seconds
+            if self._held >= (CONFIRM_HOLD if confirming else self._hold):
+                rate = steady[0] / steady[1] if steady[1] else 0.0
+                if self._confirmed(rate):
+                    self._anchor = self.limit
+                    self._probe_down_or_up()
             return
         sums = self._sums
         i = 0 if phase % 2 == 0 else 2  # windows alternate: trial, base, ...
@@ -182,6 +216,38 @@ class AdaptiveLimit:
         else:
             self.limit = self._base
             self._settle(moved=False)
+
+    def _confirmed(self, rate: float) -> bool:
+        """After a hold: may probing go on? Not until steps down are confirmed.
+
+        A probe's short windows can be misled: after a change, what the
+        previous limit left running still counts for a while. So once held
+        at a limit that probes brought down, the limit they started from is
+        held again, and the lower one kept only if its held throughput was
+        at least `CONFIRM` of that one's. If not, the pool stays at the
+        higher limit and waits longer before trying again.
+        """
+        recheck = self._recheck
+        if recheck is not None:  # held again at the limit the steps left
+            self._recheck = None
+            lower, lower_rate = recheck
+            if lower_rate >= rate * CONFIRM:
+                self.limit = lower
+                self._refuted = 0
+                self._hold = HOLD_MAX
+            else:
+                self._hold = HOLD_MAX << min(self._refuted, REFUTED_BACKOFF)
+                self._refuted += 1
+            self._settle(moved=True)
+            return False
+        anchor = self._anchor
+        if anchor is not None and anchor > self.limit:
+            self._recheck = (self.limit, rate)
+            self.limit = anchor
+            self._anchor = None
+            self._settle(moved=True)
+            return False
+        return True
 
     def _probe_down_or_up(self) -> None:
         if not (self._probe(DOWN) or self._probe(UP)):
@@ -216,3 +282,4 @@ class AdaptiveLimit:
             self._hold = min(self._hold * 2, HOLD_MAX)
         self._phase = -1
         self._held = 0
+        self._steady = [0.0, 0.0]

@@ -98,6 +98,11 @@ def timeout_message(
             "no room is left outside the reservations of other lanes"
             + (f" ({', '.join(others)} reserved)" if others else "")
         )
+    elif lane.in_use >= lane.reserved and core.committed >= core.cap:
+        parts.append(
+            f"adaptive_concurrency lends at most {core.cap} at once"
+            " (measured faster than more)"
+        )
     held = core.held(now)[:HELD_SHOWN]
     if held:
         parts.append("held longest: " + "; ".join(held_line(e, now) for e in held))
