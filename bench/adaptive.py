@@ -1,0 +1,121 @@
+"""What `adaptive_concurrency` does over a long run, in a thread pool.
+
+    python bench/adaptive.py [--seconds 15] [--rounds 2]
+
+Three workloads where callers queue: `SELECT 1` from 64 threads over 16
+connections (the GIL is the bottleneck), short transactions from 16 threads
+over 8 (BEGIN, UPDATE, COMMIT), and `pg_sleep(0.002)` from 64 threads over 16
+(the server is). Each runs with the option off and on, alternating, for
+`--seconds` after 3 s of warm-up; it prints throughput and the limit the
+pool lent at, sampled every 0.1 s. `bench/run.py`'s rounds (1.5 s) are too
+short for the option's confirmations (several seconds): this is the long run.
+Run from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psycopg
+
+from pgwarden import Pool
+from pgwarden.embedded import EmbeddedPostgres
+
+Op = Callable[[Any, random.Random], None]
+WARMUP = 3.0
+
+
+def select1(conn: Any, rng: random.Random) -> None:
+    conn.execute("SELECT 1")
+
+
+def transaction(conn: Any, rng: random.Random) -> None:
+    with conn.transaction():
+        conn.execute(
+            "UPDATE adaptive_bench SET n = n + 1 WHERE id = %s", (rng.randint(1, 1000),)
+        )
+
+
+def server_wait(conn: Any, rng: random.Random) -> None:
+    conn.execute("SELECT pg_sleep(0.002)")
+
+
+WORKLOADS: list[tuple[str, Op, int, int]] = [
+    ("SELECT 1, 64 threads over 16", select1, 64, 16),
+    ("short transaction, 16 threads over 8", transaction, 16, 8),
+    ("pg_sleep(2 ms), 64 threads over 16", server_wait, 64, 16),
+]
+
+
+def measure(
+    dsn: str, op: Op, workers: int, size: int, adaptive: bool, seconds: float
+) -> tuple[float, Counter[int]]:
+    """Borrows per second after the warm-up, and the lend limits sampled."""
+    with Pool(dsn, min_size=size, max_size=size, adaptive_concurrency=adaptive) as pool:
+        pool.wait(10)
+        stop = threading.Event()
+        counts = [0] * workers
+
+        def worker(i: int) -> None:
+            rng = random.Random(i)
+            while not stop.is_set():
+                with pool.connection() as conn:
+                    op(conn, rng)
+                counts[i] += 1
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
+        for t in threads:
+            t.start()
+        time.sleep(WARMUP)
+        limits: Counter[int] = Counter()
+        start, t0 = sum(counts), time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            time.sleep(0.1)
+            limits[pool.stats().lend_limit] += 1
+        rate = (sum(counts) - start) / (time.perf_counter() - t0)
+        stop.set()
+        for t in threads:
+            t.join()
+    return rate, limits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    with EmbeddedPostgres() as pg:
+        dsn = pg.dsn()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE adaptive_bench (id int PRIMARY KEY, n int)")
+            conn.execute(
+                "INSERT INTO adaptive_bench SELECT g, 0 FROM generate_series(1, 1000) g"
+            )
+        for title, op, workers, size in WORKLOADS:
+            print(title, flush=True)
+            for round_ in range(args.rounds):
+                off, _ = measure(dsn, op, workers, size, False, args.seconds)
+                on, limits = measure(dsn, op, workers, size, True, args.seconds)
+                shares = ", ".join(
+                    f"{limit}: {n / sum(limits.values()):.0%}"
+                    for limit, n in sorted(limits.items())
+                )
+                print(
+                    f"  round {round_ + 1}: off {off:7,.0f}/s  on {on:7,.0f}/s"
+                    f"  ({on / off:.2f}x)  lend limit {shares}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
