@@ -305,6 +305,7 @@ def test_the_adaptive_limit_holds_back_all_but_reservations() -> None:
     assert core.adaptive is not None and core.adaptive.floor == 2
     core.cap = 2  # the controller's choice
     default, calls = core.default_lane, core.lanes["calls"]
+    core.enqueue(FakeWaiter(default), 0.0, deadline=10.0)  # type: ignore[arg-type]
     assert core.try_acquire(default, 0.0) is not None
     assert core.try_acquire(default, 0.0) is None  # 2 committed: 1 + calls' 1
     assert core.try_acquire(calls, 0.0) is not None  # its reservation
@@ -317,12 +318,60 @@ def test_a_caller_holding_a_connection_passes_the_adaptive_limit() -> None:
     core.cap = 1
     lane = core.default_lane
     held = core.try_acquire(lane, 0.0)
+    core.enqueue(FakeWaiter(lane), 0.0, deadline=10.0)  # type: ignore[arg-type]
     assert held is not None and core.try_acquire(lane, 0.0) is None
     held.holder = "thread 1"
     # Another caller waits; the holder asking again could wait on itself.
     assert core.try_acquire_holding(lane, 0.0, "thread 2") is None
     assert core.try_acquire_holding(lane, 0.0, "thread 1") is not None
     assert core.cap == 1 and core.busy == 2
+
+
+def test_the_adaptive_limit_holds_no_one_back_without_a_queue() -> None:
+    core = _adaptive_core(3)
+    core.cap = 1  # what the last busy spell left
+    lane = core.default_lane
+    assert core.try_acquire(lane, 0.0) is not None
+    assert core.try_acquire(lane, 0.0) is not None  # nobody queues: past it
+    core.enqueue(FakeWaiter(lane), 0.0, deadline=10.0)  # type: ignore[arg-type]
+    assert core.try_acquire(lane, 0.0) is None  # a queue: the limit holds
+
+
+def test_a_holder_with_no_idle_connection_to_take_lifts_the_limit() -> None:
+    core = _adaptive_core(1)
+    core.cap = 1
+    lane = core.default_lane
+    held = core.try_acquire(lane, 0.0)
+    assert held is not None
+    held.holder = "thread 1"
+    assert core.try_acquire_holding(lane, 0.0, "thread 1") is None
+    assert core.cap == 4  # so that a connection is opened for its wait:
+    core.enqueue(FakeWaiter(lane), 0.0, deadline=10.0)  # type: ignore[arg-type]
+    assert core.wanted_connects(0.0) == 1
+
+
+def test_the_stall_rule_opens_connections_when_none_is_idle() -> None:
+    core = _adaptive_core(1, test_while_idle=False)
+    core.cap = 1
+    assert core.try_acquire(core.default_lane, 0.0) is not None
+    core.enqueue(FakeWaiter(core.default_lane), 0.0, deadline=100.0)  # type: ignore[arg-type]
+    assert core.wanted_connects(0.0) == 0  # held back by the limit
+    act = core.maintain(_core.STALL_AFTER + 0.1)
+    assert core.cap == 4 and act.connects == 1
+
+
+def test_a_lane_at_its_own_limit_does_not_lift_the_adaptive_limit() -> None:
+    core = _adaptive_core(4, lanes=[LaneSpec("batch", 0, 1)], test_while_idle=False)
+    core.cap = 1
+    batch = core.lanes["batch"]
+    assert core.try_acquire(batch, 0.0) is not None
+    stuck = FakeWaiter(batch)
+    core.enqueue(stuck, 0.0, deadline=100.0)  # type: ignore[arg-type]
+    gone = FakeWaiter(core.default_lane)  # cancelled long ago, still queued
+    core.enqueue(gone, 0.0, deadline=100.0)  # type: ignore[arg-type]
+    gone.state = _core.GONE
+    core.maintain(5.0)
+    assert core.cap == 1 and stuck.entry is None
 
 
 def test_a_raised_adaptive_limit_serves_every_waiter_it_lets_in() -> None:

@@ -522,37 +522,95 @@ def hold_lending_to(pool: Pool, limit: int) -> None:
 def test_adaptive_concurrency_never_holds_a_caller_back_from_itself(
     dsn: str,
 ) -> None:
-    with small_pool(dsn, min_size=2, max_size=2, adaptive_concurrency=True) as pool:
+    with small_pool(dsn, min_size=3, max_size=3, adaptive_concurrency=True) as pool:
         pool.wait(5)
         hold_lending_to(pool, 1)
-        with pool.connection(timeout=2) as outer:
+        held: list[Any] = []
+
+        def holder() -> float:
+            for _ in range(3):
+                held.append(pool.getconn())  # no queue yet: not held back
+            wait_until(lambda: pool.stats().waiting == 1)
+            pool.putconn(held.pop())  # idle, but the queue is held back...
             t0 = time.monotonic()
-            # Held back, it would wait for itself until its timeout.
-            with pool.connection(timeout=2) as inner:
-                assert query_pid(inner) != query_pid(outer)
-            assert time.monotonic() - t0 < 1.0
+            with pool.connection(timeout=5) as conn:  # ...and so would this be
+                query_pid(conn)
+            elapsed = time.monotonic() - t0
+            for conn in held:
+                pool.putconn(conn)
+            return elapsed
+
+        def queued() -> None:
+            wait_until(lambda: pool.stats().in_use == 3)
+            with pool.connection(timeout=8) as conn:
+                query_pid(conn)
+
+        elapsed, _ = run_all([holder, queued])
+        assert elapsed < _core.STALL_AFTER  # not freed by the stall rule
         assert pool.stats().lend_limit == 1
 
 
 def test_a_caller_held_back_beside_idle_connections_gets_one_soon(
     dsn: str,
 ) -> None:
-    with small_pool(dsn, min_size=2, max_size=2, adaptive_concurrency=True) as pool:
+    with small_pool(dsn, min_size=3, max_size=3, adaptive_concurrency=True) as pool:
         pool.wait(5)
         hold_lending_to(pool, 1)
-        held = pool.getconn()  # whose borrower waits on another caller
+        held = [pool.getconn() for _ in range(3)]  # no queue: not held back
 
-        def other() -> float:
+        def other() -> float:  # whose borrow the holders wait on
             t0 = time.monotonic()
             with pool.connection(timeout=8) as conn:
                 query_pid(conn)
             return time.monotonic() - t0
 
-        (waited,) = run_all([other])
-        pool.putconn(held)
+        def give_one_back() -> None:
+            wait_until(lambda: pool.stats().waiting == 1)
+            pool.putconn(held.pop())  # idle, but the queue is held back
+
+        waited, _ = run_all([other, give_one_back])
+        for conn in held:
+            pool.putconn(conn)
         # The maintenance lifts the limit (every second here).
         assert _core.STALL_AFTER <= waited < _core.STALL_AFTER + 5
-        assert pool.stats().lend_limit == 2
+        assert pool.stats().lend_limit == 3
+
+
+def test_a_holder_is_not_held_back_when_no_connection_is_idle(
+    dsn: str,
+) -> None:
+    # The pool shrank to what the limit lends: a nested borrow needs a new one.
+    with small_pool(dsn, min_size=1, max_size=3, adaptive_concurrency=True) as pool:
+        pool.wait(5)
+        hold_lending_to(pool, 1)
+        with pool.connection(timeout=5) as outer:
+            assert pool.stats().size == 1
+            t0 = time.monotonic()
+            with pool.connection(timeout=5) as inner:
+                assert query_pid(inner) != query_pid(outer)
+            # A connect, not the stall rule (nor a timeout).
+            assert time.monotonic() - t0 < _core.STALL_AFTER
+
+
+def test_a_caller_held_back_with_no_idle_connection_gets_a_new_one(
+    dsn: str,
+) -> None:
+    with small_pool(dsn, min_size=1, max_size=3, adaptive_concurrency=True) as pool:
+        pool.wait(5)
+        hold_lending_to(pool, 1)
+
+        def other() -> float:  # whose borrow the holder waits on
+            t0 = time.monotonic()
+            with pool.connection(timeout=8) as conn:
+                query_pid(conn)
+            return time.monotonic() - t0
+
+        with pool.connection(timeout=5):
+            assert pool.stats().size == 1
+            (waited,) = run_all([other])
+        # The maintenance lifts the limit, and opens a connection.
+        assert _core.STALL_AFTER <= waited < _core.STALL_AFTER + 5
+        assert pool.stats().lend_limit == 3
 
 
 def test_adaptive_concurrency_under_load_loses_no_borrow(dsn: str) -> None:

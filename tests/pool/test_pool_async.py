@@ -544,16 +544,32 @@ async def test_adaptive_concurrency_never_holds_a_caller_back_from_itself(
     dsn: str,
 ) -> None:
     async with small_pool(
-        dsn, min_size=2, max_size=2, adaptive_concurrency=True
+        dsn, min_size=3, max_size=3, adaptive_concurrency=True
     ) as pool:
         await pool.wait(5)
         hold_lending_to(pool, 1)
-        async with pool.connection(timeout=2) as outer:
+        held: list[Any] = []
+
+        async def holder() -> float:
+            for _ in range(3):
+                held.append(await pool.getconn())  # no queue yet: not held back
+            await await_until(lambda: pool.stats().waiting == 1)
+            await pool.putconn(held.pop())  # idle, but the queue is held back...
             t0 = time.monotonic()
-            # Held back, it would wait for itself until its timeout.
-            async with pool.connection(timeout=2) as inner:
-                assert await query_pid(inner) != await query_pid(outer)
-            assert time.monotonic() - t0 < 1.0
+            async with pool.connection(timeout=5) as conn:  # ...and so would this be
+                await query_pid(conn)
+            elapsed = time.monotonic() - t0
+            for conn in held:
+                await pool.putconn(conn)
+            return elapsed
+
+        async def queued() -> None:
+            await await_until(lambda: pool.stats().in_use == 3)
+            async with pool.connection(timeout=8) as conn:
+                await query_pid(conn)
+
+        elapsed, _ = await run_all([holder, queued])
+        assert elapsed < _core.STALL_AFTER  # not freed by the stall rule
         assert pool.stats().lend_limit == 1
 
 
@@ -561,23 +577,69 @@ async def test_a_caller_held_back_beside_idle_connections_gets_one_soon(
     dsn: str,
 ) -> None:
     async with small_pool(
-        dsn, min_size=2, max_size=2, adaptive_concurrency=True
+        dsn, min_size=3, max_size=3, adaptive_concurrency=True
     ) as pool:
         await pool.wait(5)
         hold_lending_to(pool, 1)
-        held = await pool.getconn()  # whose borrower waits on another caller
+        held = [await pool.getconn() for _ in range(3)]  # no queue: not held back
 
-        async def other() -> float:
+        async def other() -> float:  # whose borrow the holders wait on
             t0 = time.monotonic()
             async with pool.connection(timeout=8) as conn:
                 await query_pid(conn)
             return time.monotonic() - t0
 
-        (waited,) = await run_all([other])
-        await pool.putconn(held)
+        async def give_one_back() -> None:
+            await await_until(lambda: pool.stats().waiting == 1)
+            await pool.putconn(held.pop())  # idle, but the queue is held back
+
+        waited, _ = await run_all([other, give_one_back])
+        for conn in held:
+            await pool.putconn(conn)
         # The maintenance lifts the limit (every second here).
         assert _core.STALL_AFTER <= waited < _core.STALL_AFTER + 5
-        assert pool.stats().lend_limit == 2
+        assert pool.stats().lend_limit == 3
+
+
+async def test_a_holder_is_not_held_back_when_no_connection_is_idle(
+    dsn: str,
+) -> None:
+    # The pool shrank to what the limit lends: a nested borrow needs a new one.
+    async with small_pool(
+        dsn, min_size=1, max_size=3, adaptive_concurrency=True
+    ) as pool:
+        await pool.wait(5)
+        hold_lending_to(pool, 1)
+        async with pool.connection(timeout=5) as outer:
+            assert pool.stats().size == 1
+            t0 = time.monotonic()
+            async with pool.connection(timeout=5) as inner:
+                assert await query_pid(inner) != await query_pid(outer)
+            # A connect, not the stall rule (nor a timeout).
+            assert time.monotonic() - t0 < _core.STALL_AFTER
+
+
+async def test_a_caller_held_back_with_no_idle_connection_gets_a_new_one(
+    dsn: str,
+) -> None:
+    async with small_pool(
+        dsn, min_size=1, max_size=3, adaptive_concurrency=True
+    ) as pool:
+        await pool.wait(5)
+        hold_lending_to(pool, 1)
+
+        async def other() -> float:  # whose borrow the holder waits on
+            t0 = time.monotonic()
+            async with pool.connection(timeout=8) as conn:
+                await query_pid(conn)
+            return time.monotonic() - t0
+
+        async with pool.connection(timeout=5):
+            assert pool.stats().size == 1
+            (waited,) = await run_all([other])
+        # The maintenance lifts the limit, and opens a connection.
+        assert _core.STALL_AFTER <= waited < _core.STALL_AFTER + 5
+        assert pool.stats().lend_limit == 3
 
 
 async def test_adaptive_concurrency_under_load_loses_no_borrow(dsn: str) -> None:

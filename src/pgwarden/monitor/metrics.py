@@ -163,8 +163,9 @@ def _pool_metrics(pools: Sequence[MonitoredPool]) -> Iterator[Metric]:
     )
     lend_limit = _gauge(
         "pgwarden_pool_lend_limit",
-        "Connections that may be on loan at once: max_connections, or fewer"
-        " while adaptive_concurrency holds lending back.",
+        "Connections that may be on loan at once while callers queue: the"
+        " pool's max_size, or fewer while adaptive_concurrency holds lending"
+        " back.",
         ["pool"],
     )
     waiting = _gauge(

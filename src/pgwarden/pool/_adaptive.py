@@ -16,8 +16,13 @@ as many), alternating windows at the trial limit and at the current one
 throughput holds (`DOWN_KEEP`), a step up if it rises (`UP_KEEP`); a kept
 step is followed by another, otherwise the limit holds for `HOLD` windows,
 twice as long after each probe that changed nothing (up to `HOLD_MAX`).
-Without a queue nothing is held back. A busy spell starts where the last one
-left off; measuring starts over after `LULL` seconds without a queue.
+Probes' short windows favour the lower limit (what the higher one left running
+still counts for a while), so steps down are then confirmed by holding: the
+lower limit, then the one they started from (`CONFIRM_HOLD` windows each,
+`CONFIRM_SKIP` not counted), and the lower one stays only if it was as fast
+(`CONFIRM`). Without a queue nothing is held back. A busy spell starts where
+the last one left off; measuring starts over after `LULL` seconds without a
+queue.
 
 A state machine with an injected clock: the pool's core calls it under its
 lock, on the give-back of a borrow that has callers waiting behind it.
@@ -36,10 +41,11 @@ PAIRS = 2
 # current limit's, a step up if it reaches this one (steps up must pay).
 DOWN_KEEP = 1.0
 UP_KEEP = 1.05
-# Steps down, once held, must keep this share of the throughput of the limit
-# they started from, held again; after each refuted one in a row, the hold
-# that follows doubles, up to HOLD_MAX << REFUTED_BACKOFF windows.
-CONFIRM = 0.95
+# Steps down, once held, must reach this share of the throughput of the limit
+# they started from, held again (a step down must prove itself); after each
+# refuted one in a row, the hold that follows doubles, up to
+# HOLD_MAX << REFUTED_BACKOFF windows.
+CONFIRM = 1.0
 REFUTED_BACKOFF = 4
 # Windows of each of those two holds, and how many of their first ones don't
 # count: a change of limit can take a few hundred milliseconds to show.

@@ -296,7 +296,8 @@ class PoolCore:
         return len(self.entries) + self.opening
 
     def can_take(self, lane: Lane) -> bool:
-        """Whether `lane` may take one more connection now."""
+        """Whether `lane` may take one more connection now (for a caller
+        that queues: the adaptive limit applies)."""
         return lane.in_use < lane.limit and (
             lane.in_use < lane.reserved or self.committed < self.cap
         )
@@ -315,7 +316,12 @@ class PoolCore:
         if not idle or in_use >= lane.limit:
             return None
         owed = in_use < lane.reserved
-        if not owed and self.committed >= self.cap:
+        # The adaptive limit (cap) holds lending back only while callers queue.
+        if (
+            not owed
+            and self.committed >= self.cap
+            and (self.committed >= self.max_size or self.n_waiting)
+        ):
             return None
         while idle:
             i = len(idle) - 1
@@ -351,7 +357,11 @@ class PoolCore:
 
     def try_acquire_holding(self, lane: Lane, now: float, holder: Any) -> Entry | None:
         """`try_acquire()` past the adaptive limit, for a caller that holds a
-        connection already: held back, it could be waiting on itself."""
+        connection already: held back, it could be waiting on itself.
+
+        With no idle connection to give it, the limit is lifted, so that one
+        is opened for it (`wanted_connects`).
+        """
         cap = self.cap
         if cap >= self.max_size or not any(
             e.holder == holder for e in self.entries if e.state == BUSY
@@ -359,9 +369,13 @@ class PoolCore:
             return None
         self.cap = self.max_size
         try:
-            return self.try_acquire(lane, now)
+            entry = self.try_acquire(lane, now)
         finally:
             self.cap = cap
+        if entry is None and self.adaptive is not None:
+            self.adaptive.stalled()
+            self.cap = self.adaptive.limit
+        return entry
 
     def _lease(self, entry: Entry, lane: Lane, now: float) -> None:
         entry.state = BUSY
@@ -566,14 +580,25 @@ class PoolCore:
         return out
 
     def _watch_limit(self, now: float) -> None:
-        """Maintenance: lift the adaptive limit when a caller has waited
-        `STALL_AFTER` seconds while connections sat idle."""
+        """Maintenance: lift the adaptive limit when a caller it holds back
+        has waited `STALL_AFTER` seconds while the pool had room (idle
+        connections, or room to open some)."""
         adaptive = self.adaptive
         assert adaptive is not None
-        if not self.n_waiting or self.cap >= self.max_size or not self.idle:
+        if not self.n_waiting or self.cap >= self.max_size:
             return
-        heads = [lane.waiters[0].since for lane in self.lanes.values() if lane.waiters]
-        if not heads or now - min(heads) < STALL_AFTER:
+        if not self.idle and self.size >= self.max_size:
+            return
+        since = [
+            w.since
+            for lane in self.lanes.values()
+            # Held back by the limit, not by the lane's own.
+            if lane.n_waiting and lane.in_use < lane.limit and not self.can_take(lane)
+            for w in itertools.islice(
+                (w for w in lane.waiters if w.state == WAITING), 1
+            )
+        ]
+        if not since or now - min(since) < STALL_AFTER:
             return
         adaptive.stalled()
         self.cap = adaptive.limit

@@ -38,8 +38,9 @@ class PoolStats:
     opening: int
     checking: int  # idle connections taken aside to be validated
     waiting: int
-    # Connections that may be on loan at once, reservations included:
-    # max_size, or less while adaptive_concurrency holds lending back.
+    # Connections that may be on loan at once while callers queue,
+    # reservations included: max_size, or less while adaptive_concurrency
+    # holds lending back.
     lend_limit: int
     lanes: Mapping[str, LaneStats]
     borrowed_total: int
