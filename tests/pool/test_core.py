@@ -350,6 +350,17 @@ def test_a_holder_with_no_idle_connection_to_take_lifts_the_limit() -> None:
     assert core.wanted_connects(0.0) == 1
 
 
+def test_a_holder_held_back_by_its_lane_leaves_the_limit_alone() -> None:
+    core = _adaptive_core(1, lanes=[LaneSpec("batch", 0, 1)])
+    core.cap = 1
+    batch = core.lanes["batch"]
+    held = core.try_acquire(batch, 0.0)
+    assert held is not None
+    held.holder = "thread 1"
+    assert core.try_acquire_holding(batch, 0.0, "thread 1") is None
+    assert core.cap == 1  # lifting it would not give it one
+
+
 def test_the_stall_rule_opens_connections_when_none_is_idle() -> None:
     core = _adaptive_core(1, test_while_idle=False)
     core.cap = 1

@@ -60,8 +60,9 @@ ROTATION = 2
 # its slot for good.
 STRANDED_AFTER = 30.0
 
-# With the adaptive limit holding lending back, a caller that has waited this
-# long while connections sat idle ends it: every connection is lent again.
+# A caller the adaptive limit has held back this long, while the pool had room
+# (idle connections, or room to open some), lifts it: every connection is lent
+# again, at the next maintenance step.
 STALL_AFTER = 1.0
 
 # While the server is known to be unreachable, a caller waits at most this long.
@@ -372,7 +373,13 @@ class PoolCore:
             entry = self.try_acquire(lane, now)
         finally:
             self.cap = cap
-        if entry is None and self.adaptive is not None:
+        if (
+            entry is None
+            and self.adaptive is not None
+            and not self.idle
+            and self.size < self.max_size
+            and lane.in_use < lane.limit
+        ):
             self.adaptive.stalled()
             self.cap = self.adaptive.limit
         return entry
