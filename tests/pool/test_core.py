@@ -322,8 +322,8 @@ def test_a_caller_holding_a_connection_passes_the_adaptive_limit() -> None:
     assert held is not None and core.try_acquire(lane, 0.0) is None
     held.holder = "thread 1"
     # Another caller waits; the holder asking again could wait on itself.
-    assert core.try_acquire_holding(lane, 0.0, "thread 2") is None
-    assert core.try_acquire_holding(lane, 0.0, "thread 1") is not None
+    assert core.try_acquire_exempt(lane, 0.0, "thread 2") is None
+    assert core.try_acquire_exempt(lane, 0.0, "thread 1") is not None
     assert core.cap == 1 and core.busy == 2
 
 
@@ -344,7 +344,7 @@ def test_a_holder_with_no_idle_connection_to_take_lifts_the_limit() -> None:
     held = core.try_acquire(lane, 0.0)
     assert held is not None
     held.holder = "thread 1"
-    assert core.try_acquire_holding(lane, 0.0, "thread 1") is None
+    assert core.try_acquire_exempt(lane, 0.0, "thread 1") is None
     assert core.cap == 4  # so that a connection is opened for its wait:
     core.enqueue(FakeWaiter(lane), 0.0, deadline=10.0)  # type: ignore[arg-type]
     assert core.wanted_connects(0.0) == 1
@@ -357,8 +357,46 @@ def test_a_holder_held_back_by_its_lane_leaves_the_limit_alone() -> None:
     held = core.try_acquire(batch, 0.0)
     assert held is not None
     held.holder = "thread 1"
-    assert core.try_acquire_holding(batch, 0.0, "thread 1") is None
+    assert core.try_acquire_exempt(batch, 0.0, "thread 1") is None
     assert core.cap == 1  # lifting it would not give it one
+
+
+def test_a_lone_caller_with_no_idle_connection_gets_one_opened() -> None:
+    core = _adaptive_core(1)
+    core.cap = 1
+    lane = core.default_lane
+    assert core.try_acquire(lane, 0.0) is not None  # the only one open
+    assert core.try_acquire(lane, 0.0) is None
+    assert core.try_acquire_exempt(lane, 0.0, "thread 2") is None  # nobody waits
+    core.enqueue(FakeWaiter(lane), 0.0, deadline=10.0)  # type: ignore[arg-type]
+    assert core.cap == 4 and core.wanted_connects(0.0) == 1
+
+
+def test_a_caller_max_waiting_would_refuse_takes_an_idle_one() -> None:
+    core = _adaptive_core(3, max_waiting=1)
+    core.cap = 1
+    lane = core.default_lane
+    assert core.try_acquire(lane, 0.0) is not None
+    core.enqueue(FakeWaiter(lane), 0.0, deadline=10.0)  # type: ignore[arg-type]
+    assert core.try_acquire(lane, 0.0) is None  # held back: a queue
+    assert core.try_acquire_exempt(lane, 0.0, "thread 3") is not None
+    assert core.cap == 1
+
+
+def test_reservations_holding_a_caller_back_leave_the_limit_alone() -> None:
+    core = _adaptive_core(4, lanes=[LaneSpec("admin", 4, 8)], test_while_idle=False)
+    core.resize(0, 8, 0.0)
+    assert core.adaptive is not None and core.adaptive.floor == 5
+    core.cap = 5
+    default = core.default_lane
+    held = [core.try_acquire(default, 0.0) for _ in range(4)]  # no queue: past it
+    assert all(held) and core.committed == 8
+    waiter = FakeWaiter(default)
+    core.enqueue(waiter, 0.0, deadline=100.0)  # type: ignore[arg-type]
+    held[0].holder = "thread 1"  # type: ignore[union-attr]
+    assert core.try_acquire_exempt(default, 0.0, "thread 1") is None
+    core.maintain(5.0)
+    assert core.cap == 5 and waiter.entry is None
 
 
 def test_the_stall_rule_opens_connections_when_none_is_idle() -> None:

@@ -592,14 +592,14 @@ def test_a_holder_is_not_held_back_when_no_connection_is_idle(
             assert time.monotonic() - t0 < _core.STALL_AFTER
 
 
-def test_a_caller_held_back_with_no_idle_connection_gets_a_new_one(
+def test_a_lone_caller_with_no_idle_connection_gets_a_new_one(
     dsn: str,
 ) -> None:
     with small_pool(dsn, min_size=1, max_size=3, adaptive_concurrency=True) as pool:
         pool.wait(5)
         hold_lending_to(pool, 1)
 
-        def other() -> float:  # whose borrow the holder waits on
+        def other() -> float:  # nobody waits: nothing holds it back
             t0 = time.monotonic()
             with pool.connection(timeout=8) as conn:
                 query_pid(conn)
@@ -608,9 +608,8 @@ def test_a_caller_held_back_with_no_idle_connection_gets_a_new_one(
         with pool.connection(timeout=5):
             assert pool.stats().size == 1
             (waited,) = run_all([other])
-        # The maintenance lifts the limit, and opens a connection.
-        assert _core.STALL_AFTER <= waited < _core.STALL_AFTER + 5
-        assert pool.stats().lend_limit == 3
+        assert waited < _core.STALL_AFTER  # a connect, not the stall rule
+        assert pool.stats().size == 2
 
 
 def test_adaptive_concurrency_under_load_loses_no_borrow(dsn: str) -> None:

@@ -356,16 +356,23 @@ class PoolCore:
             return entry
         return None
 
-    def try_acquire_holding(self, lane: Lane, now: float, holder: Any) -> Entry | None:
-        """`try_acquire()` past the adaptive limit, for a caller that holds a
-        connection already: held back, it could be waiting on itself.
+    def try_acquire_exempt(self, lane: Lane, now: float, holder: Any) -> Entry | None:
+        """`try_acquire()` past the adaptive limit, for a caller it must not
+        hold back: one that finds nobody waiting, one that `max_waiting` would
+        refuse, one that holds a connection already (held back, it could be
+        waiting on itself).
 
-        With no idle connection to give it, the limit is lifted, so that one
-        is opened for it (`wanted_connects`).
+        With no idle connection to give it but room to open one, the limit is
+        lifted, so that one is opened for it (`wanted_connects`).
         """
         cap = self.cap
-        if cap >= self.max_size or not any(
-            e.holder == holder for e in self.entries if e.state == BUSY
+        if cap >= self.max_size:
+            return None
+        n_waiting = self.n_waiting
+        if not (
+            not n_waiting
+            or (self.max_waiting and n_waiting >= self.max_waiting)
+            or any(e.holder == holder for e in self.entries if e.state == BUSY)
         ):
             return None
         self.cap = self.max_size
@@ -378,6 +385,7 @@ class PoolCore:
             and self.adaptive is not None
             and not self.idle
             and self.size < self.max_size
+            and self.committed < self.max_size
             and lane.in_use < lane.limit
         ):
             self.adaptive.stalled()
@@ -593,6 +601,8 @@ class PoolCore:
         adaptive = self.adaptive
         assert adaptive is not None
         if not self.n_waiting or self.cap >= self.max_size:
+            return
+        if self.committed >= self.max_size:  # held back by reservations
             return
         if not self.idle and self.size >= self.max_size:
             return

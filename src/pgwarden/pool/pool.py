@@ -329,7 +329,7 @@ class Pool:
                 lock.acquire()
                 entry = core.try_acquire(lane, now)
                 if entry is None and core.cap < core.max_size:
-                    entry = core.try_acquire_holding(lane, now, holder)
+                    entry = core.try_acquire_exempt(lane, now, holder)
                 if entry is None:
                     if timeout is None:
                         timeout = self.config.connection_timeout
