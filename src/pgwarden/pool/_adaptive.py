@@ -160,8 +160,10 @@ class AdaptiveLimit:
         return False
 
     def stalled(self) -> None:
-        """Callers waited long while connections sat idle (a borrower waiting
-        on another one's borrow, say): lend them all, and probe much later."""
+        """The limit held a caller back long while the pool had room (a
+        borrower waiting on another one's borrow, say), or a caller it must
+        not hold back found no idle connection: lend them all, and probe
+        much later."""
         self.limit = self.ceiling
         self._anchor = self._recheck = None
         self._hold = HOLD_MAX
