@@ -242,12 +242,16 @@ class PgwardenNoLeak(Pgwarden):
     cells = frozenset({"acquire"})
 
 
+# Where callers queue: where adaptive_concurrency can act at all.
+QUEUEING_CELLS = frozenset({"select1-64x4", "select1-64x16", "txn-16x8"})
+
+
 class PgwardenAdaptive(Pgwarden):
     """`pgwarden.Pool` with `adaptive_concurrency` on, where callers queue."""
 
     name = "pgwarden+adaptive"
     overrides = {"adaptive_concurrency": True}
-    cells = frozenset({"select1-64x4", "select1-64x16", "txn-16x8"})
+    cells = QUEUEING_CELLS
 
 
 class PgwardenAsync(AsyncImpl):
@@ -285,7 +289,7 @@ class PgwardenAdaptiveAsync(PgwardenAsync):
 
     name = "pgwarden+adaptive-async"
     overrides = {"adaptive_concurrency": True}
-    cells = frozenset({"select1-64x4", "select1-64x16", "txn-16x8"})
+    cells = QUEUEING_CELLS
 
 
 SYNC_IMPLS: tuple[type[SyncImpl], ...] = (

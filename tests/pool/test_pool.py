@@ -519,6 +519,14 @@ def hold_lending_to(pool: Pool, limit: int) -> None:
     core.adaptive.limit = core.cap = limit
 
 
+def timed_borrow(pool: Pool) -> float:
+    """Seconds one borrow and a query took, the wait included."""
+    t0 = time.monotonic()
+    with pool.connection(timeout=8) as conn:
+        query_pid(conn)
+    return time.monotonic() - t0
+
+
 def test_adaptive_concurrency_never_holds_a_caller_back_from_itself(
     dsn: str,
 ) -> None:
@@ -532,10 +540,7 @@ def test_adaptive_concurrency_never_holds_a_caller_back_from_itself(
                 held.append(pool.getconn())  # no queue yet: not held back
             wait_until(lambda: pool.stats().waiting == 1)
             pool.putconn(held.pop())  # idle, but the queue is held back...
-            t0 = time.monotonic()
-            with pool.connection(timeout=5) as conn:  # ...and so would this be
-                query_pid(conn)
-            elapsed = time.monotonic() - t0
+            elapsed = timed_borrow(pool)  # ...and so would this be
             for conn in held:
                 pool.putconn(conn)
             return elapsed
@@ -558,17 +563,12 @@ def test_a_caller_held_back_beside_idle_connections_gets_one_soon(
         hold_lending_to(pool, 1)
         held = [pool.getconn() for _ in range(3)]  # no queue: not held back
 
-        def other() -> float:  # whose borrow the holders wait on
-            t0 = time.monotonic()
-            with pool.connection(timeout=8) as conn:
-                query_pid(conn)
-            return time.monotonic() - t0
-
         def give_one_back() -> None:
             wait_until(lambda: pool.stats().waiting == 1)
             pool.putconn(held.pop())  # idle, but the queue is held back
 
-        waited, _ = run_all([other, give_one_back])
+        # Another caller's borrow, which the holders wait on.
+        waited, _ = run_all([lambda: timed_borrow(pool), give_one_back])
         for conn in held:
             pool.putconn(conn)
         # The maintenance lifts the limit (every second here).
@@ -598,16 +598,10 @@ def test_a_lone_caller_with_no_idle_connection_gets_a_new_one(
     with small_pool(dsn, min_size=1, max_size=3, adaptive_concurrency=True) as pool:
         pool.wait(5)
         hold_lending_to(pool, 1)
-
-        def other() -> float:  # nobody waits: nothing holds it back
-            t0 = time.monotonic()
-            with pool.connection(timeout=8) as conn:
-                query_pid(conn)
-            return time.monotonic() - t0
-
         with pool.connection(timeout=5):
             assert pool.stats().size == 1
-            (waited,) = run_all([other])
+            # Another caller; nobody waits: nothing holds it back.
+            (waited,) = run_all([lambda: timed_borrow(pool)])
         assert waited < _core.STALL_AFTER  # a connect, not the stall rule
         assert pool.stats().size == 2
 

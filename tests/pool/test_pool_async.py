@@ -540,6 +540,14 @@ def hold_lending_to(pool: AsyncPool, limit: int) -> None:
     core.adaptive.limit = core.cap = limit
 
 
+async def timed_borrow(pool: AsyncPool) -> float:
+    """Seconds one borrow and a query took, the wait included."""
+    t0 = time.monotonic()
+    async with pool.connection(timeout=8) as conn:
+        await query_pid(conn)
+    return time.monotonic() - t0
+
+
 async def test_adaptive_concurrency_never_holds_a_caller_back_from_itself(
     dsn: str,
 ) -> None:
@@ -555,10 +563,7 @@ async def test_adaptive_concurrency_never_holds_a_caller_back_from_itself(
                 held.append(await pool.getconn())  # no queue yet: not held back
             await await_until(lambda: pool.stats().waiting == 1)
             await pool.putconn(held.pop())  # idle, but the queue is held back...
-            t0 = time.monotonic()
-            async with pool.connection(timeout=5) as conn:  # ...and so would this be
-                await query_pid(conn)
-            elapsed = time.monotonic() - t0
+            elapsed = await timed_borrow(pool)  # ...and so would this be
             for conn in held:
                 await pool.putconn(conn)
             return elapsed
@@ -583,17 +588,12 @@ async def test_a_caller_held_back_beside_idle_connections_gets_one_soon(
         hold_lending_to(pool, 1)
         held = [await pool.getconn() for _ in range(3)]  # no queue: not held back
 
-        async def other() -> float:  # whose borrow the holders wait on
-            t0 = time.monotonic()
-            async with pool.connection(timeout=8) as conn:
-                await query_pid(conn)
-            return time.monotonic() - t0
-
         async def give_one_back() -> None:
             await await_until(lambda: pool.stats().waiting == 1)
             await pool.putconn(held.pop())  # idle, but the queue is held back
 
-        waited, _ = await run_all([other, give_one_back])
+        # Another caller's borrow, which the holders wait on.
+        waited, _ = await run_all([lambda: timed_borrow(pool), give_one_back])
         for conn in held:
             await pool.putconn(conn)
         # The maintenance lifts the limit (every second here).
@@ -627,16 +627,10 @@ async def test_a_lone_caller_with_no_idle_connection_gets_a_new_one(
     ) as pool:
         await pool.wait(5)
         hold_lending_to(pool, 1)
-
-        async def other() -> float:  # nobody waits: nothing holds it back
-            t0 = time.monotonic()
-            async with pool.connection(timeout=8) as conn:
-                await query_pid(conn)
-            return time.monotonic() - t0
-
         async with pool.connection(timeout=5):
             assert pool.stats().size == 1
-            (waited,) = await run_all([other])
+            # Another caller; nobody waits: nothing holds it back.
+            (waited,) = await run_all([lambda: timed_borrow(pool)])
         assert waited < _core.STALL_AFTER  # a connect, not the stall rule
         assert pool.stats().size == 2
 
