@@ -1,14 +1,15 @@
 """What `adaptive_concurrency` does over a long run, in a thread pool.
 
-    python bench/adaptive.py [--seconds 15] [--rounds 2]
+    python bench/adaptive.py [--seconds 15] [--rounds 2] [--only WORD]
 
 Three workloads where callers queue: `SELECT 1` from 64 threads over 16
 connections (the GIL is the bottleneck), short transactions from 16 threads
 over 8 (BEGIN, UPDATE, COMMIT), and `pg_sleep(0.002)` from 64 threads over 16
-(the server is). Each runs with the option off and on, alternating, for
-`--seconds` after 3 s of warm-up; it prints throughput and the limit the
-pool lent at, sampled every 0.1 s. `bench/run.py`'s rounds (1.5 s) are too
-short for the option's confirmations (several seconds): this is the long run.
+(the server is). Each runs with the option off and on, alternating which
+goes first, for `--seconds` after 3 s of warm-up; it prints throughput and
+the limit the pool lent at, sampled every 0.1 s. `bench/run.py`'s rounds
+(1.5 s) are too short for the option's confirmations (several seconds): this
+is the long run.
 Run from the repository root.
 """
 
@@ -93,6 +94,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="WORD",
+        help="run only the workloads whose title has this word (repeatable)",
+    )
     args = parser.parse_args()
     with EmbeddedPostgres() as pg:
         dsn = pg.dsn()
@@ -102,10 +109,16 @@ def main() -> None:
                 "INSERT INTO adaptive_bench SELECT g, 0 FROM generate_series(1, 1000) g"
             )
         for title, op, workers, size in WORKLOADS:
+            if args.only and not any(word in title for word in args.only):
+                continue
             print(title, flush=True)
             for round_ in range(args.rounds):
-                off, _ = measure(dsn, op, workers, size, False, args.seconds)
+                # Alternating which goes first, so that drift hits both alike.
+                if round_ % 2 == 0:
+                    off, _ = measure(dsn, op, workers, size, False, args.seconds)
                 on, limits = measure(dsn, op, workers, size, True, args.seconds)
+                if round_ % 2 == 1:
+                    off, _ = measure(dsn, op, workers, size, False, args.seconds)
                 shares = ", ".join(
                     f"{limit}: {n / sum(limits.values()):.0%}"
                     for limit, n in sorted(limits.items())

@@ -403,8 +403,8 @@ class PoolConfig:
         leak_detection_threshold: report a connection held longer; 0 = off.
         max_waiting: callers that may wait at once, more are refused (but
             not within their lane's reservation); 0 = no bound.
-        adaptive_concurrency: while callers queue, lend fewer connections at
-            once if that keeps or raises throughput (measured; see
+        adaptive_concurrency: while callers queue, lend one connection at a
+            time if that is measured to raise throughput (see
             `pgwarden.pool._adaptive`); reservations are never held back.
         lanes: LaneSpecs, ``{name: (reserved, limit)}`` or the string
             ``"name:reserved:limit,..."``; a lane named ``default`` serves

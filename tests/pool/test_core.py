@@ -279,13 +279,16 @@ class ScriptedLimit:
         self.floor, self.ceiling, self.limit = floor, ceiling, ceiling
         self.next: int | None = None
 
-    def ended(self, now: float) -> bool:
+    def ended(self, now: float, held: float) -> bool:
         if self.next is None:
             return False
         self.limit, self.next = self.next, None
         return True
 
     def stalled(self) -> None:
+        self.limit = self.ceiling
+
+    def lift(self) -> None:
         self.limit = self.ceiling
 
     def resize(self, floor: int, ceiling: int) -> None:

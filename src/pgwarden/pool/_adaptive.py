@@ -1,27 +1,40 @@
 """Adaptive concurrency: how many connections a pool lends at once while
-callers queue for them (`adaptive_concurrency`, off by default).
+callers queue for them (`adaptive_concurrency`).
 
 Python threads pay for each other. A borrower runs Python between its
-queries, and the more borrowers run at once, the more GIL hand-offs each
-query costs: on 2 cores, 64 threads doing `SELECT 1` made about 2,700
-queries/s over 16 connections and 8,100 over 1 (bench/). Where the knee
-lies depends on what borrowers do: ones that wait 2 ms on the server lose
-throughput when held back. So the pool finds it by measuring.
+queries, and while others run too, each query costs GIL hand-offs and
+thread switches: on 2 cores, 64 threads doing `SELECT 1` made about 7,300
+queries/s over 1 connection, and 4,200 to 5,100 over anything from 2 to 16
+(bench/). One borrower at a time runs alone. Borrowers that wait on the
+server lose throughput when held back, so the pool measures.
+
+Two levels only: every connection (`ceiling`), or as few as the lanes'
+reservations allow (`floor`, one without them). Limits in between were
+tried: where throughput is flat across them, noise walked the limit down
+step by step, and short transactions lost up to 40 % at 2 to 4 connections.
 
 Only while callers queue: each borrow that ends then counts, and windows of
-at least `WINDOW_SECONDS` give throughputs (borrows ended per second). A
-probe tries half as many connections (then, if that lost throughput, twice
-as many), alternating windows at the trial limit and at the current one
-(`PAIRS` of each, so that drift hits both alike). A step down is kept if
-throughput holds (`DOWN_KEEP`), a step up if it rises (`UP_KEEP`); a kept
-step is followed by another, otherwise the limit holds for `HOLD` windows,
-twice as long after each probe that changed nothing (up to `HOLD_MAX`).
-Probes' short windows favour the lower limit (what the higher one left running
-still counts for a while), so steps down are then confirmed by holding: the
-lower limit, then the one they started from (`CONFIRM_HOLD` windows each,
-`CONFIRM_SKIP` not counted), and the lower one stays only if it was as fast
-(`CONFIRM`). Without a queue nothing is held back. A busy spell starts where
-the last one left off; measuring starts over after `LULL` seconds without a
+at least `WINDOW_SECONDS` give throughputs (borrows ended per second). The
+limit holds for `HOLD` windows, then a probe holds the other level for
+`PROBE_SKIP` + `PROBE_WINDOWS` windows. A change of limit takes up to 150 ms
+to show in throughput here (with 64 threads, going from 4 connections to 1
+first looked 1.25x as fast, then 2x), so the first `PROBE_SKIP` windows don't
+count. The floor is kept if it made `DOWN_KEEP` times the throughput of the
+hold before, the ceiling if it made as much (`UP_KEEP`). After each probe
+that changed nothing, the next hold is `SETTLE_GROWTH` times as long (up to
+`SETTLE_MAX`). Probes cost little:
+
+- none to the floor when it cannot win: one connection at a time makes at
+  most one borrow per shortest borrow seen (held, from lend to give-back);
+  if that bound is under `HOPELESS` of the current throughput (borrowers
+  waiting 2 ms on the server, say), the probe is skipped;
+- one that starts far behind (`ABORT`) ends after its first counted window.
+
+A probe can be misled by drift, so a step down is confirmed by holding
+longer: the floor, then the ceiling again (`CONFIRM_HOLD` windows each,
+`CONFIRM_SKIP` not counted); the floor stays only if it was `CONFIRM` times
+as fast. Without a queue nothing is held back. A busy spell starts where the
+last one left off; measuring starts over after `LULL` seconds without a
 queue.
 
 A state machine with an injected clock: the pool's core calls it under its
@@ -35,48 +48,61 @@ import math
 # A measurement window: at least this long, and this many borrows.
 WINDOW_SECONDS = 0.05
 WINDOW_BORROWS = 16
-# Windows at the trial limit in a probe, and as many at the current one.
-PAIRS = 2
-# A step down is kept if throughput stays at or above this multiple of the
-# current limit's, a step up if it reaches this one (steps up must pay).
-DOWN_KEEP = 1.0
-UP_KEEP = 1.05
-# Steps down, once held, must reach this share of the throughput of the limit
-# they started from, held again (a step down must prove itself); after each
-# refuted one in a row, the hold that follows doubles, up to
-# HOLD_MAX << REFUTED_BACKOFF windows.
-CONFIRM = 1.0
-REFUTED_BACKOFF = 4
+# Windows of a probe: not counted, then counted.
+PROBE_SKIP = 3
+PROBE_WINDOWS = 4
+# The floor is kept if its throughput reaches this multiple of the
+# ceiling's, the ceiling if it reaches this multiple of the floor's.
+DOWN_KEEP = 1.25
+UP_KEEP = 1.0
+# No probe to the floor if one connection per shortest borrow seen would
+# make less than this share of the current throughput.
+HOPELESS = 0.5
+# A probe whose first counted window makes less than this share of the
+# throughput held before it ends there.
+ABORT = 0.6
+# The floor, once held, must make this multiple of the ceiling's throughput,
+# held again. After each refuted step down in a row, the hold that follows
+# doubles, up to HOLD_MAX << BACKOFF windows.
+CONFIRM = 1.1
+BACKOFF = 4
 # Windows of each of those two holds, and how many of their first ones don't
 # count: a change of limit can take a few hundred milliseconds to show.
 CONFIRM_HOLD = 32
 CONFIRM_SKIP = 8
-# Windows held at a limit between probes: at first, and at most.
+# Windows held between probes: at first and after a kept step (HOLD); after
+# a confirmed step down or a first stall (HOLD_MAX); after probes that changed
+# nothing, SETTLE_GROWTH times as long each time, up to SETTLE_MAX.
 HOLD = 8
 HOLD_MAX = 64
+SETTLE_GROWTH = 4
+SETTLE_MAX = HOLD_MAX << 3
+# After each stall (see stalled()), ever, the hold that follows doubles, up
+# to HOLD_MAX << STALL_BACKOFF windows (about an hour): borrowers that wait
+# on each other's borrows don't suit a limit.
+STALL_BACKOFF = 10
 # Seconds without a queue that end a busy spell: a window spanning one would
 # count the lull as slowness.
 LULL = 0.5
 
-DOWN = -1
-UP = 1
-
 
 class AdaptiveLimit:
-    """How many connections to lend at once, between `floor` and `ceiling`."""
+    """How many connections to lend at once: `floor` or `ceiling`."""
 
     __slots__ = (
-        "_anchor",
         "_base",
+        "_confirming",
         "_count",
-        "_direction",
         "_held",
         "_hold",
         "_last",
+        "_min_held",
         "_phase",
+        "_rate",
         "_recheck",
         "_refuted",
         "_settling",
+        "_stalls",
         "_started",
         "_steady",
         "_sums",
@@ -89,18 +115,22 @@ class AdaptiveLimit:
 
     _base: int  # the limit, or while a probe runs the one it is tried against
     _trial: int
-    _direction: int
     _phase: int  # -1 while holding, else the probe's window number
-    _held: int
-    _hold: int
+    _sums: list[float]  # borrows and seconds of the probe's counted windows
+    _held: int  # windows held so far
+    _hold: int  # windows to hold
     _settling: int
     _count: int
     _started: float
-    _sums: list[float]
     _steady: list[float]  # borrows and seconds of the windows held so far
-    _anchor: int | None  # the limit before the last probes, to confirm against
-    _recheck: tuple[int, float] | None  # a lower limit and its held rate
+    _min_held: float  # the shortest borrow seen in this hold (seconds)
+    _rate: float  # the throughput of the last hold
+    _confirming: bool  # holding to confirm a step down (see _confirm)
+    # None while held at the floor, then the floor's throughput while the
+    # ceiling is held again.
+    _recheck: float | None
     _refuted: int  # steps down taken back in a row
+    _stalls: int
 
     def __init__(self, floor: int, ceiling: int) -> None:
         self.floor = min(floor, ceiling)
@@ -108,6 +138,7 @@ class AdaptiveLimit:
         self.limit = ceiling
         self.probes_total = 0  # probes run, whatever they decided
         self._last = -math.inf  # when the last borrow ended with a queue
+        self._refuted = self._stalls = 0
         self._restart(-math.inf)
 
     def __repr__(self) -> str:
@@ -118,20 +149,23 @@ class AdaptiveLimit:
     def kept(self) -> int:
         """The limit decided on: not one a probe tries, nor a step down
         not confirmed yet."""
-        anchor = self._anchor
-        if anchor is not None and anchor > self.limit:
-            return anchor
-        return self._base if self._phase >= 0 else self.limit
+        if self._phase >= 0:
+            return self._base
+        return self.ceiling if self._confirming else self.limit
 
     def resize(self, floor: int, ceiling: int) -> None:
         """New bounds (the pool was resized): start over at the ceiling."""
         self.floor = min(floor, ceiling)
         self.ceiling = ceiling
         self.limit = ceiling
+        self._refuted = self._stalls = 0
         self._restart(self._last)
 
-    def ended(self, now: float) -> bool:
-        """A borrow ended while callers queue; True if `limit` changed."""
+    def ended(self, now: float, held: float) -> bool:
+        """A borrow that held its connection `held` seconds ended while
+        callers queue; True if `limit` changed."""
+        if held < self._min_held:
+            self._min_held = held
         if now - self._last > LULL:  # a new busy spell: a new window
             self._last = now
             self._count = self._settling = 0
@@ -159,135 +193,120 @@ class AdaptiveLimit:
             return True
         return False
 
-    def stalled(self) -> None:
-        """The limit held a caller back long while the pool had room (a
-        borrower waiting on another one's borrow, say), or a caller it must
-        not hold back found no idle connection: lend them all, and probe
-        much later."""
+    def lift(self) -> None:
+        """A caller the limit must not hold back found no idle connection:
+        lend them all (so that one is opened for it), and probe later."""
         self.limit = self.ceiling
-        self._anchor = self._recheck = None
+        self._confirming = False
+        self._recheck = None
         self._hold = HOLD_MAX
         self._settle(moved=True)
+
+    def stalled(self) -> None:
+        """The limit held a caller back long while the pool had room (a
+        borrower waiting on another one's borrow, say): lend them all, and
+        probe much later, the later the more often it happens."""
+        self.lift()
+        self._hold = HOLD_MAX << min(self._stalls, STALL_BACKOFF)
+        self._stalls += 1
 
     def _restart(self, now: float) -> None:
         self._settling = 0  # borrows to skip before a window starts
         self._count = 0
         self._started = now
-        self._phase = -1
-        self._held = 0
-        self._hold = 2  # a first measure to confirm steps down against
         self._base = self._trial = self.limit
-        self._direction = DOWN
-        self._sums = [0.0, 0.0, 0.0, 0.0]  # trial: borrows, seconds; base: same
-        self._steady = [0.0, 0.0]
-        self._anchor = None
+        self._sums = [0.0, 0.0]
+        self._rate = 0.0
+        self._confirming = False
         self._recheck = None
-        self._refuted = 0
+        self._hold = HOLD  # a first measure to compare probes against
+        self._settle(moved=True)
 
     def _window_done(self, borrows: int, seconds: float) -> None:
         phase = self._phase
         if phase < 0:  # holding
             self._held += 1
             steady = self._steady
-            confirming = self._recheck is not None or (
-                self._anchor is not None and self._anchor > self.limit
-            )
+            confirming = self._confirming
             # The first windows still show the last change.
             if self._held > (CONFIRM_SKIP if confirming else 1):
                 steady[0] += borrows
                 steady[1] += seconds
             if self._held >= (CONFIRM_HOLD if confirming else self._hold):
                 rate = steady[0] / steady[1] if steady[1] else 0.0
-                if self._confirmed(rate):
-                    self._anchor = self.limit
-                    self._probe_down_or_up()
+                if confirming:
+                    self._confirm(rate)
+                else:
+                    self._rate = rate
+                    self._probe_other()
+            return
+        self._phase = phase + 1
+        if phase < PROBE_SKIP:
             return
         sums = self._sums
-        i = 0 if phase % 2 == 0 else 2  # windows alternate: trial, base, ...
-        sums[i] += borrows
-        sums[i + 1] += seconds
-        phase += 1
-        if phase < 2 * PAIRS:
-            self._phase = phase
-            self.limit = self._trial if phase % 2 == 0 else self._base
+        sums[0] += borrows
+        sums[1] += seconds
+        if phase == PROBE_SKIP and borrows < ABORT * self._rate * seconds:
+            self.limit = self._base  # far behind: not worth the rest
+            self._settle(moved=False)
             return
-        gain = (sums[0] / sums[1]) / (sums[2] / sums[3])
-        if self._direction == DOWN:
-            if gain >= DOWN_KEEP:
-                self._keep_going(DOWN)
-            else:
-                self.limit = self._base
-                if not self._probe(UP):
-                    self._settle(moved=False)
-        elif gain >= UP_KEEP:
-            self._keep_going(UP)
+        if phase + 1 < PROBE_SKIP + PROBE_WINDOWS:
+            return
+        gain = sums[0] / sums[1] / self._rate if self._rate else 1.0
+        if gain >= (DOWN_KEEP if self._trial < self._base else UP_KEEP):
+            self.limit = self._trial
+            self._confirming = self.limit < self.ceiling
+            self._hold = HOLD  # the load moved: probe again soon after
+            self._settle(moved=True)
         else:
             self.limit = self._base
             self._settle(moved=False)
 
-    def _confirmed(self, rate: float) -> bool:
-        """After a hold: may probing go on? Not until steps down are confirmed.
+    def _confirm(self, rate: float) -> None:
+        """A hold while confirming a step down has ended.
 
-        A probe's short windows can be misled: after a change, what the
-        previous limit left running still counts for a while. So once held
-        at a limit that probes brought down, the limit they started from is
-        held again, and the lower one kept only if its held throughput was
-        at least `CONFIRM` of that one's. If not, the pool stays at the
-        higher limit and waits longer before trying again.
+        A probe compares its windows with the hold before it, so drift can
+        mislead it. So once held at the floor, the ceiling is held again,
+        and the floor kept only if its held throughput was `CONFIRM` times
+        that one's. If not, the pool stays at the ceiling and waits longer
+        before trying again.
         """
         recheck = self._recheck
-        if recheck is not None:  # held again at the limit the steps left
+        if recheck is None:  # held at the floor: now at the ceiling again
+            self._recheck = rate
+            self.limit = self.ceiling
+        else:
+            self._confirming = False
             self._recheck = None
-            lower, lower_rate = recheck
-            if lower_rate >= rate * CONFIRM:
-                self.limit = lower
+            if recheck >= rate * CONFIRM:
+                self.limit = self.floor
                 self._refuted = 0
                 self._hold = HOLD_MAX
             else:
-                self._hold = HOLD_MAX << min(self._refuted, REFUTED_BACKOFF)
+                self._hold = HOLD_MAX << min(self._refuted, BACKOFF)
                 self._refuted += 1
-            self._settle(moved=True)
-            return False
-        anchor = self._anchor
-        if anchor is not None and anchor > self.limit:
-            self._recheck = (self.limit, rate)
-            self.limit = anchor
-            self._anchor = None
-            self._settle(moved=True)
-            return False
-        return True
+        self._settle(moved=True)
 
-    def _probe_down_or_up(self) -> None:
-        if not (self._probe(DOWN) or self._probe(UP)):
-            self._settle(moved=False)
-
-    def _keep_going(self, direction: int) -> None:
-        """The trial limit won: make it the limit and try one more step."""
-        self.limit = self._base = self._trial
-        self._hold = HOLD  # the load moved: probe again soon after
-        if not self._probe(direction):
-            self._settle(moved=True)
-
-    def _probe(self, direction: int) -> bool:
-        """Start trying one step in `direction`; False if at the bound."""
+    def _probe_other(self) -> None:
+        """Try the other level, unless that can't pay."""
         limit = self._base = self.limit
-        if direction == DOWN:
-            trial = max(self.floor, (limit + 1) // 2)
-        else:
-            trial = min(self.ceiling, limit * 2)
+        trial = self.floor if limit == self.ceiling else self.ceiling
         if trial == limit:
-            return False
+            self._settle(moved=False)
+            return
+        if trial < limit and trial < HOPELESS * self._rate * self._min_held:
+            self._settle(moved=True)  # costs nothing: see again soon
+            return
         self.probes_total += 1
-        self._direction = direction
         self._trial = self.limit = trial
         self._phase = 0
-        self._sums = [0.0, 0.0, 0.0, 0.0]
-        return True
+        self._sums = [0.0, 0.0]
 
     def _settle(self, moved: bool) -> None:
         """Hold the limit; after a probe that changed nothing, for longer."""
         if not moved:
-            self._hold = min(self._hold * 2, HOLD_MAX)
+            self._hold = min(self._hold * SETTLE_GROWTH, SETTLE_MAX)
         self._phase = -1
         self._held = 0
         self._steady = [0.0, 0.0]
+        self._min_held = math.inf

@@ -388,7 +388,7 @@ class PoolCore:
             and self.committed < self.max_size
             and lane.in_use < lane.limit
         ):
-            self.adaptive.stalled()
+            self.adaptive.lift()
             self.cap = self.adaptive.limit
         return entry
 
@@ -555,7 +555,9 @@ class PoolCore:
                 entry.state = IDLE
                 self.idle.append(entry)
                 return None
-            elif self.adaptive is not None and self.adaptive.ended(now):
+            elif self.adaptive is not None and self.adaptive.ended(
+                now, now - entry.held_since
+            ):
                 return self._limit_changed(entry, now)
             else:
                 return self._serve(entry, now)
