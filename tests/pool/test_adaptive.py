@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable
+from itertools import pairwise
 
 from pgwarden.pool import _adaptive
 from pgwarden.pool._adaptive import AdaptiveLimit
@@ -108,45 +109,63 @@ def test_probes_that_change_nothing_come_ever_more_rarely() -> None:
     assert seen.count(8) / len(seen) > 0.99
 
 
-def lagging(model: Model, lag: float) -> Callable[[AdaptiveLimit], Model]:
-    """`model`, but a changed limit shows only after `lag` seconds: what the
-    previous limit left running still counts for a while."""
-
-    def bind(limiter: AdaptiveLimit) -> Model:
-        state = {"limit": limiter.limit, "shown": limiter.limit, "since": 0.0}
-
-        def rate(limit: int) -> float:
-            now = state["clock"]
-            if limit != state["limit"]:
-                state.update(limit=limit, since=now)
-            if now - state["since"] >= lag:
-                state["shown"] = limit
-            return model(int(state["shown"]))
-
-        state["clock"] = 0.0
-        rate.state = state  # type: ignore[attr-defined]
-        return rate
-
-    return bind
-
-
 def short_transactions(limit: int) -> float:
     """Three round trips per borrow: each connection less costs throughput."""
     return {1: 3000.0, 2: 3500.0, 4: 4000.0}.get(limit, 5000.0)
 
 
 def test_a_step_down_that_only_looked_faster_is_taken_back() -> None:
-    # The probe's windows at 4 still run on what 8 left: 4 looks as fast.
+    # For half a second after each change to the floor, it runs fast (what
+    # the ceiling left behind, or a lucky moment): the probe keeps it, the
+    # holds that confirm it take it back.
     limiter = AdaptiveLimit(1, 8)
-    model = lagging(short_transactions, _adaptive.WINDOW_SECONDS * 1.5)(limiter)
+    since, refuted, holds = 0.0, 0, []
     seen, now = [], 0.0
-    while now < 20.0:
-        model.state["clock"] = now  # type: ignore[attr-defined]
-        now += 1.0 / model(limiter.limit)
+    while now < 60.0:
+        before = limiter.limit
+        fast = limiter.limit == 1 and now - since < 0.5
+        now += 1.0 / (8000.0 if fast else short_transactions(limiter.limit))
         seen.append(limiter.limit)
         limiter.ended(now, 1.0 / short_transactions(1))
+        if limiter.limit != before:
+            since = now
+        if limiter._refuted > refuted:
+            refuted = limiter._refuted
+            holds.append(limiter._hold)
     assert settled_at(seen) == 8, Counter(seen)
     assert seen.count(8) / len(seen) > 0.6, Counter(seen)
+    # Each refuted step down doubles the wait before the next probe.
+    assert len(holds) >= 3 and all(b == 2 * a for a, b in pairwise(holds)), holds
+
+
+def test_a_lull_voids_a_confirmation_under_way() -> None:
+    limiter = AdaptiveLimit(1, 16)
+    now = 0.0
+    # Until the probe has kept the floor, and holds it to confirm it.
+    while not (limiter._confirming and limiter.limit == 1):
+        now += 1.0 / gil_bound(limiter.limit)
+        limiter.ended(now, 1.0 / gil_bound(1))
+    assert limiter.kept == 16
+    # A lull, then borrowers that wait on the server: the floor is not theirs.
+    now += _adaptive.LULL + 1.0
+    assert limiter.ended(now, 0.004) is True
+    assert limiter.limit == limiter.kept == 16
+    _, seen = run(limiter, server_bound, 10.0, now)
+    assert set(seen) == {16}
+
+
+def test_a_backoff_is_never_shortened() -> None:
+    limiter = AdaptiveLimit(1, 16)
+    for _ in range(6):
+        limiter.stalled()
+    assert limiter._hold == _adaptive.HOLD_MAX << 5
+    limiter.lift()  # a caller it must not hold back
+    assert limiter._hold == _adaptive.HOLD_MAX << 5
+    # Probes that change nothing (flat: the floor never wins) keep it.
+    probes = limiter.probes_total
+    run(limiter, lambda limit: 2000.0, 200.0)
+    assert limiter.probes_total - probes <= 2
+    assert limiter._hold >= _adaptive.HOLD_MAX << 5
 
 
 def test_it_tries_no_limit_in_between() -> None:

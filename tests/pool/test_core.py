@@ -278,8 +278,10 @@ class ScriptedLimit:
     def __init__(self, floor: int, ceiling: int) -> None:
         self.floor, self.ceiling, self.limit = floor, ceiling, ceiling
         self.next: int | None = None
+        self.helds: list[float] = []  # what each ended() was told
 
     def ended(self, now: float, held: float) -> bool:
+        self.helds.append(held)
         if self.next is None:
             return False
         self.limit, self.next = self.next, None
@@ -295,6 +297,13 @@ class ScriptedLimit:
         self.floor, self.ceiling, self.limit = floor, ceiling, ceiling
 
 
+@pytest.fixture
+def no_slow_borrows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For the stall rule: borrows held long on the fake clock would count
+    as slow, and that rule would serve the caller first."""
+    monkeypatch.setattr(_core, "SLOW_BORROW", math.inf)
+
+
 def _adaptive_core(n_idle: int, **kwargs: Any) -> PoolCore:
     core = make_core(min_size=0, max_size=4, adaptive=True, **kwargs)
     for _ in range(n_idle):
@@ -306,7 +315,7 @@ def _adaptive_core(n_idle: int, **kwargs: Any) -> PoolCore:
 def test_the_adaptive_limit_holds_back_all_but_reservations() -> None:
     core = _adaptive_core(4, lanes=[LaneSpec("calls", 1, 2)])
     assert core.adaptive is not None and core.adaptive.floor == 2
-    core.cap = 2  # the controller's choice
+    core.cap = core.adaptive.limit = 2  # the controller's choice
     default, calls = core.default_lane, core.lanes["calls"]
     core.enqueue(FakeWaiter(default), 0.0, deadline=10.0)  # type: ignore[arg-type]
     assert core.try_acquire(default, 0.0) is not None
@@ -318,7 +327,7 @@ def test_the_adaptive_limit_holds_back_all_but_reservations() -> None:
 
 def test_a_caller_holding_a_connection_passes_the_adaptive_limit() -> None:
     core = _adaptive_core(2)
-    core.cap = 1
+    core.cap = core.adaptive.limit = 1
     lane = core.default_lane
     held = core.try_acquire(lane, 0.0)
     core.enqueue(FakeWaiter(lane), 0.0, deadline=10.0)  # type: ignore[arg-type]
@@ -332,7 +341,7 @@ def test_a_caller_holding_a_connection_passes_the_adaptive_limit() -> None:
 
 def test_the_adaptive_limit_holds_no_one_back_without_a_queue() -> None:
     core = _adaptive_core(3)
-    core.cap = 1  # what the last busy spell left
+    core.cap = core.adaptive.limit = 1  # what the last busy spell left
     lane = core.default_lane
     assert core.try_acquire(lane, 0.0) is not None
     assert core.try_acquire(lane, 0.0) is not None  # nobody queues: past it
@@ -342,7 +351,7 @@ def test_the_adaptive_limit_holds_no_one_back_without_a_queue() -> None:
 
 def test_a_holder_with_no_idle_connection_to_take_lifts_the_limit() -> None:
     core = _adaptive_core(1)
-    core.cap = 1
+    core.cap = core.adaptive.limit = 1
     lane = core.default_lane
     held = core.try_acquire(lane, 0.0)
     assert held is not None
@@ -351,11 +360,12 @@ def test_a_holder_with_no_idle_connection_to_take_lifts_the_limit() -> None:
     assert core.cap == 4  # so that a connection is opened for its wait:
     core.enqueue(FakeWaiter(lane), 0.0, deadline=10.0)  # type: ignore[arg-type]
     assert core.wanted_connects(0.0) == 1
+    assert core.adaptive._stalls == 0  # lifted, not stalled: no backoff
 
 
 def test_a_holder_held_back_by_its_lane_leaves_the_limit_alone() -> None:
     core = _adaptive_core(1, lanes=[LaneSpec("batch", 0, 1)])
-    core.cap = 1
+    core.cap = core.adaptive.limit = 1
     batch = core.lanes["batch"]
     held = core.try_acquire(batch, 0.0)
     assert held is not None
@@ -366,7 +376,7 @@ def test_a_holder_held_back_by_its_lane_leaves_the_limit_alone() -> None:
 
 def test_a_lone_caller_with_no_idle_connection_gets_one_opened() -> None:
     core = _adaptive_core(1)
-    core.cap = 1
+    core.cap = core.adaptive.limit = 1
     lane = core.default_lane
     assert core.try_acquire(lane, 0.0) is not None  # the only one open
     assert core.try_acquire(lane, 0.0) is None
@@ -377,7 +387,7 @@ def test_a_lone_caller_with_no_idle_connection_gets_one_opened() -> None:
 
 def test_a_caller_max_waiting_would_refuse_takes_an_idle_one() -> None:
     core = _adaptive_core(3, max_waiting=1)
-    core.cap = 1
+    core.cap = core.adaptive.limit = 1
     lane = core.default_lane
     assert core.try_acquire(lane, 0.0) is not None
     core.enqueue(FakeWaiter(lane), 0.0, deadline=10.0)  # type: ignore[arg-type]
@@ -386,11 +396,22 @@ def test_a_caller_max_waiting_would_refuse_takes_an_idle_one() -> None:
     assert core.cap == 1
 
 
+def test_a_give_back_tells_the_limit_how_long_the_borrow_held() -> None:
+    core = _adaptive_core(2)
+    core.adaptive = scripted = ScriptedLimit(1, 4)  # type: ignore[assignment]
+    held = core.try_acquire(core.default_lane, 1.0)
+    assert held is not None
+    core.enqueue(FakeWaiter(core.default_lane), 1.0, deadline=100.0)  # type: ignore[arg-type]
+    core.release(held, 1.25, reusable=True)
+    assert scripted.helds == [pytest.approx(0.25)]
+
+
+@pytest.mark.usefixtures("no_slow_borrows")
 def test_reservations_holding_a_caller_back_leave_the_limit_alone() -> None:
     core = _adaptive_core(4, lanes=[LaneSpec("admin", 4, 8)], test_while_idle=False)
     core.resize(0, 8, 0.0)
     assert core.adaptive is not None and core.adaptive.floor == 5
-    core.cap = 5
+    core.cap = core.adaptive.limit = 5
     default = core.default_lane
     held = [core.try_acquire(default, 0.0) for _ in range(4)]  # no queue: past it
     assert all(held) and core.committed == 8
@@ -402,9 +423,10 @@ def test_reservations_holding_a_caller_back_leave_the_limit_alone() -> None:
     assert core.cap == 5 and waiter.entry is None
 
 
+@pytest.mark.usefixtures("no_slow_borrows")
 def test_the_stall_rule_opens_connections_when_none_is_idle() -> None:
     core = _adaptive_core(1, test_while_idle=False)
-    core.cap = 1
+    core.cap = core.adaptive.limit = 1
     assert core.try_acquire(core.default_lane, 0.0) is not None
     core.enqueue(FakeWaiter(core.default_lane), 0.0, deadline=100.0)  # type: ignore[arg-type]
     assert core.wanted_connects(0.0) == 0  # held back by the limit
@@ -412,9 +434,10 @@ def test_the_stall_rule_opens_connections_when_none_is_idle() -> None:
     assert core.cap == 4 and act.connects == 1
 
 
+@pytest.mark.usefixtures("no_slow_borrows")
 def test_a_lane_at_its_own_limit_does_not_lift_the_adaptive_limit() -> None:
     core = _adaptive_core(4, lanes=[LaneSpec("batch", 0, 1)], test_while_idle=False)
-    core.cap = 1
+    core.cap = core.adaptive.limit = 1
     batch = core.lanes["batch"]
     assert core.try_acquire(batch, 0.0) is not None
     stuck = FakeWaiter(batch)
@@ -428,7 +451,7 @@ def test_a_lane_at_its_own_limit_does_not_lift_the_adaptive_limit() -> None:
 
 def test_a_raised_adaptive_limit_serves_every_waiter_it_lets_in() -> None:
     core = _adaptive_core(4)
-    core.cap = 1
+    core.cap = core.adaptive.limit = 1
     held = core.try_acquire(core.default_lane, 0.0)
     assert held is not None
     waiters = [FakeWaiter(core.default_lane) for _ in range(4)]
@@ -445,7 +468,7 @@ def test_a_raised_adaptive_limit_serves_every_waiter_it_lets_in() -> None:
 
 def test_a_timeout_says_when_the_adaptive_limit_held_the_caller_back() -> None:
     core = _adaptive_core(3)
-    core.cap = 1
+    core.cap = core.adaptive.limit = 1
     assert core.try_acquire(core.default_lane, 0.0) is not None
     message = _messages.timeout_message(core, "p", core.default_lane, 1.0, 1.0)
     assert "1 of 4 in use" in message
@@ -460,9 +483,10 @@ def test_resize_lends_everything_again() -> None:
     assert core.cap == core.adaptive.limit == core.adaptive.ceiling == 6
 
 
+@pytest.mark.usefixtures("no_slow_borrows")
 def test_callers_waiting_long_beside_idle_connections_lift_the_limit() -> None:
     core = _adaptive_core(2, test_while_idle=False)
-    core.cap = 1
+    core.cap = core.adaptive.limit = 1
     held = core.try_acquire(core.default_lane, 0.0)
     assert held is not None
     waiter = FakeWaiter(core.default_lane)
@@ -471,6 +495,39 @@ def test_callers_waiting_long_beside_idle_connections_lift_the_limit() -> None:
     act = core.maintain(_core.STALL_AFTER + 0.1)
     assert act.served == [waiter] and waiter.entry is not None
     assert core.cap == core.max_size == 4
+
+
+def test_a_slow_borrow_stops_counting_against_the_limit() -> None:
+    core = _adaptive_core(2, test_while_idle=False)
+    assert core.adaptive is not None
+    core.cap = core.adaptive.limit = 1
+    held = core.try_acquire(core.default_lane, 0.0)
+    assert held is not None
+    waiter = FakeWaiter(core.default_lane)
+    core.enqueue(waiter, 0.0, deadline=100.0)  # type: ignore[arg-type]
+    assert core.maintain(_core.SLOW_BORROW / 2).served == []
+    act = core.maintain(_core.SLOW_BORROW + 0.01)
+    assert act.served == [waiter] and waiter.entry is not None
+    # One more lent beside it; the limit learned stays, and no stall counts.
+    assert core.cap == 2 and core.adaptive.limit == 1
+    assert core.adaptive._stalls == 0
+    core.release(held, 0.2, reusable=True)
+    core.release(waiter.entry, 0.2, reusable=True)
+    core.maintain(0.3)
+    assert core.cap == 1
+
+
+def test_a_slow_borrow_within_a_reservation_lifts_nothing() -> None:
+    core = _adaptive_core(3, lanes=[LaneSpec("batch", 1, 2)], test_while_idle=False)
+    assert core.adaptive is not None and core.adaptive.floor == 2
+    core.cap = core.adaptive.limit = 2
+    assert core.try_acquire(core.lanes["batch"], 0.0) is not None  # reserved
+    assert core.try_acquire(core.default_lane, 1.0) is not None
+    waiter = FakeWaiter(core.default_lane)
+    core.enqueue(waiter, 1.0, deadline=100.0)  # type: ignore[arg-type]
+    # The batch borrow is slow, but the limit never counted it.
+    assert core.maintain(1.0 + _core.SLOW_BORROW / 2).served == []
+    assert core.cap == 2 and waiter.entry is None
 
 
 class CoreMachine(RuleBasedStateMachine):

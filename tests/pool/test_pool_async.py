@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import math
 import os
 import random
 import signal
@@ -549,8 +550,9 @@ async def timed_borrow(pool: AsyncPool) -> float:
 
 
 async def test_adaptive_concurrency_never_holds_a_caller_back_from_itself(
-    dsn: str,
+    dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(_core, "SLOW_BORROW", math.inf)  # would serve it first
     async with small_pool(
         dsn, min_size=3, max_size=3, adaptive_concurrency=True
     ) as pool:
@@ -579,8 +581,9 @@ async def test_adaptive_concurrency_never_holds_a_caller_back_from_itself(
 
 
 async def test_a_caller_held_back_beside_idle_connections_gets_one_soon(
-    dsn: str,
+    dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(_core, "SLOW_BORROW", math.inf)  # the stall rule, then
     async with small_pool(
         dsn, min_size=3, max_size=3, adaptive_concurrency=True
     ) as pool:
@@ -601,10 +604,39 @@ async def test_a_caller_held_back_beside_idle_connections_gets_one_soon(
         assert pool.stats().lend_limit == 3
 
 
-async def test_a_holder_is_not_held_back_when_no_connection_is_idle(
+async def test_a_caller_held_back_behind_slow_borrows_gets_one_soon(
     dsn: str,
 ) -> None:
+    async with small_pool(
+        dsn, min_size=3, max_size=3, adaptive_concurrency=True
+    ) as pool:
+        await pool.wait(5)
+        hold_lending_to(pool, 1)
+        held = [await pool.getconn() for _ in range(3)]  # no queue: not held back
+
+        async def give_one_back() -> None:
+            await await_until(lambda: pool.stats().waiting == 1)
+            await pool.putconn(held.pop())  # idle, but the queue is held back
+
+        # The two still on loan (a report, say) are slow soon: the limit
+        # stops counting them, within a maintenance step (WATCH_INTERVAL).
+        waited, _ = await run_all([lambda: timed_borrow(pool), give_one_back])
+        assert waited < _core.STALL_AFTER
+        assert pool.stats().lend_limit == 3  # 1, and 2 slow
+        for conn in held:
+            await pool.putconn(conn)
+        # Not the stall rule: the limit learned is still there.
+        adaptive = pool._core.adaptive
+        assert adaptive is not None
+        assert adaptive.limit == 1 and adaptive._stalls == 0
+        await await_until(lambda: pool.stats().lend_limit == 1)
+
+
+async def test_a_holder_is_not_held_back_when_no_connection_is_idle(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The pool shrank to what the limit lends: a nested borrow needs a new one.
+    monkeypatch.setattr(_core, "SLOW_BORROW", math.inf)  # would serve it too
     async with small_pool(
         dsn, min_size=1, max_size=3, adaptive_concurrency=True
     ) as pool:
@@ -620,8 +652,9 @@ async def test_a_holder_is_not_held_back_when_no_connection_is_idle(
 
 
 async def test_a_lone_caller_with_no_idle_connection_gets_a_new_one(
-    dsn: str,
+    dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(_core, "SLOW_BORROW", math.inf)  # would serve it too
     async with small_pool(
         dsn, min_size=1, max_size=3, adaptive_concurrency=True
     ) as pool:

@@ -3,9 +3,9 @@ callers queue for them (`adaptive_concurrency`).
 
 Python threads pay for each other. A borrower runs Python between its
 queries, and while others run too, each query costs GIL hand-offs and
-thread switches: on 2 cores, 64 threads doing `SELECT 1` made about 7,300
-queries/s over 1 connection, and 4,200 to 5,100 over anything from 2 to 16
-(bench/). One borrower at a time runs alone. Borrowers that wait on the
+thread switches: on 2 cores, in one run, 64 threads doing `SELECT 1` made
+about 7,300 queries/s over 1 connection, and 4,200 to 5,100 over anything
+from 2 to 16. One borrower at a time runs alone. Borrowers that wait on the
 server lose throughput when held back, so the pool measures.
 
 Two levels only: every connection (`ceiling`), or as few as the lanes'
@@ -24,7 +24,7 @@ hold before, the ceiling if it made as much (`UP_KEEP`). After each probe
 that changed nothing, the next hold is `SETTLE_GROWTH` times as long (up to
 `SETTLE_MAX`). Probes cost little:
 
-- none to the floor when it cannot win: one connection at a time makes at
+- none to the floor when it cannot win: each of its connections makes at
   most one borrow per shortest borrow seen (held, from lend to give-back);
   if that bound is under `HOPELESS` of the current throughput (borrowers
   waiting 2 ms on the server, say), the probe is skipped;
@@ -33,9 +33,9 @@ that changed nothing, the next hold is `SETTLE_GROWTH` times as long (up to
 A probe can be misled by drift, so a step down is confirmed by holding
 longer: the floor, then the ceiling again (`CONFIRM_HOLD` windows each,
 `CONFIRM_SKIP` not counted); the floor stays only if it was `CONFIRM` times
-as fast. Without a queue nothing is held back. A busy spell starts where the
-last one left off; measuring starts over after `LULL` seconds without a
-queue.
+as fast. Without a queue nothing is held back. After `LULL` seconds without
+a queue, measuring starts over: a probe or a confirmation under way is void,
+and a kept limit stays.
 
 A state machine with an injected clock: the pool's core calls it under its
 lock, on the give-back of a borrow that has callers waiting behind it.
@@ -55,8 +55,9 @@ PROBE_WINDOWS = 4
 # ceiling's, the ceiling if it reaches this multiple of the floor's.
 DOWN_KEEP = 1.25
 UP_KEEP = 1.0
-# No probe to the floor if one connection per shortest borrow seen would
-# make less than this share of the current throughput.
+# No probe to the floor if its connections, each making one borrow per
+# shortest borrow seen, would make less than this share of the current
+# throughput.
 HOPELESS = 0.5
 # A probe whose first counted window makes less than this share of the
 # throughput held before it ends there.
@@ -67,12 +68,13 @@ ABORT = 0.6
 CONFIRM = 1.1
 BACKOFF = 4
 # Windows of each of those two holds, and how many of their first ones don't
-# count: a change of limit can take a few hundred milliseconds to show.
+# count (a change of limit takes up to 150 ms to show).
 CONFIRM_HOLD = 32
 CONFIRM_SKIP = 8
-# Windows held between probes: at first and after a kept step (HOLD); after
-# a confirmed step down or a first stall (HOLD_MAX); after probes that changed
-# nothing, SETTLE_GROWTH times as long each time, up to SETTLE_MAX.
+# Windows held between probes: at first and after a kept step (HOLD); at
+# least HOLD_MAX after a confirmation, a lift() or a stall; after probes that
+# changed nothing, SETTLE_GROWTH times as long each time, up to SETTLE_MAX
+# (unless a backoff made it longer already).
 HOLD = 8
 HOLD_MAX = 64
 SETTLE_GROWTH = 4
@@ -164,18 +166,12 @@ class AdaptiveLimit:
     def ended(self, now: float, held: float) -> bool:
         """A borrow that held its connection `held` seconds ended while
         callers queue; True if `limit` changed."""
+        if now - self._last > LULL:  # a new busy spell
+            self._last = now
+            return self._new_spell(now, held)
+        self._last = now
         if held < self._min_held:
             self._min_held = held
-        if now - self._last > LULL:  # a new busy spell: a new window
-            self._last = now
-            self._count = self._settling = 0
-            self._started = now
-            if self._phase < 0:
-                return False
-            self.limit = self._base  # the probe is void: hold, then try again
-            self._settle(moved=True)
-            return True
-        self._last = now
         if self._settling:  # the borrows lent under the previous limit
             self._settling -= 1
             self._started = now
@@ -189,9 +185,28 @@ class AdaptiveLimit:
         self._count = 0
         self._started = now
         if self.limit != old:
-            self._settling = max(old, self.limit)
+            self._settling = old
             return True
         return False
+
+    def _new_spell(self, now: float, held: float) -> bool:
+        """Measuring starts over: the lull would count as slowness, and the
+        load may have changed. A running probe is void, and so is a step
+        down not confirmed yet (back to the ceiling); a kept limit stays."""
+        old = self.limit
+        if self._phase >= 0:
+            self.limit = self._base
+        elif self._confirming:
+            self.limit = self.ceiling
+            self._confirming = False
+            self._recheck = None
+        self._settle(moved=True)
+        self._min_held = held
+        self._count = 0
+        self._started = now
+        # Lent with no queue, so without the limit: not a window's.
+        self._settling = self.ceiling
+        return self.limit != old
 
     def lift(self) -> None:
         """A caller the limit must not hold back found no idle connection:
@@ -199,7 +214,7 @@ class AdaptiveLimit:
         self.limit = self.ceiling
         self._confirming = False
         self._recheck = None
-        self._hold = HOLD_MAX
+        self._hold = max(self._hold, HOLD_MAX)
         self._settle(moved=True)
 
     def stalled(self) -> None:
@@ -252,7 +267,7 @@ class AdaptiveLimit:
             return
         if phase + 1 < PROBE_SKIP + PROBE_WINDOWS:
             return
-        gain = sums[0] / sums[1] / self._rate if self._rate else 1.0
+        gain = sums[0] / sums[1] / self._rate
         if gain >= (DOWN_KEEP if self._trial < self._base else UP_KEEP):
             self.limit = self._trial
             self._confirming = self.limit < self.ceiling
@@ -295,7 +310,7 @@ class AdaptiveLimit:
             self._settle(moved=False)
             return
         if trial < limit and trial < HOPELESS * self._rate * self._min_held:
-            self._settle(moved=True)  # costs nothing: see again soon
+            self._settle(moved=True)  # skipping costs nothing: no backoff
             return
         self.probes_total += 1
         self._trial = self.limit = trial
@@ -305,7 +320,8 @@ class AdaptiveLimit:
     def _settle(self, moved: bool) -> None:
         """Hold the limit; after a probe that changed nothing, for longer."""
         if not moved:
-            self._hold = min(self._hold * SETTLE_GROWTH, SETTLE_MAX)
+            grown = min(self._hold * SETTLE_GROWTH, SETTLE_MAX)
+            self._hold = max(self._hold, grown)  # not shorter than a backoff
         self._phase = -1
         self._held = 0
         self._steady = [0.0, 0.0]

@@ -65,6 +65,12 @@ STRANDED_AFTER = 30.0
 # again, at the next maintenance step.
 STALL_AFTER = 1.0
 
+# While the adaptive limit is below max_size, a borrow on loan this long stops
+# counting against it, so that the queue does not wait on a report or a batch;
+# the maintenance runs this often then (WATCH_INTERVAL).
+SLOW_BORROW = 0.1
+WATCH_INTERVAL = 0.1
+
 # While the server is known to be unreachable, a caller waits at most this long.
 FAST_FAIL_WAIT = 1.0
 
@@ -244,8 +250,10 @@ class PoolCore:
         self.default_lane = self.lanes[DEFAULT_LANE]
         self.committed = sum(lane.reserved for lane in self.lanes.values())
         # How many connections may be lent at once, reservations included:
-        # max_size, or less while the adaptive limit holds lending back.
+        # max_size, or less while the adaptive limit holds lending back (plus
+        # `_slow`, its borrows on loan for SLOW_BORROW, at the last look).
         self.cap = max_size
+        self._slow = 0
         self.adaptive = (
             AdaptiveLimit(self.committed + 1, max_size) if adaptive else None
         )
@@ -579,7 +587,7 @@ class PoolCore:
         """release(), once the adaptive limit moved: hand `entry` on under
         the new limit, and serve whoever a raised one lets in (`pop_woken`)."""
         assert self.adaptive is not None
-        self.cap = self.adaptive.limit
+        self.cap = min(self.max_size, self.adaptive.limit + self._slow)
         waiter = self._serve(entry, now)
         self._serve_more(now)
         if waiter is None and self._woken:
@@ -597,11 +605,26 @@ class PoolCore:
         return out
 
     def _watch_limit(self, now: float) -> None:
-        """Maintenance: lift the adaptive limit when a caller it holds back
-        has waited `STALL_AFTER` seconds while the pool had room (idle
-        connections, or room to open some)."""
+        """Maintenance, while the adaptive limit holds lending back.
+
+        Borrows on loan for `SLOW_BORROW` stop counting against the limit:
+        one more connection is lent for each. And a caller the limit holds
+        back that has waited `STALL_AFTER` seconds while the pool had room
+        (idle connections, or room to open some) lifts the limit.
+        """
         adaptive = self.adaptive
         assert adaptive is not None
+        limit = adaptive.limit
+        if limit >= self.max_size:
+            self._slow = 0
+            return
+        self._slow = self._slow_borrows(now - SLOW_BORROW)
+        cap = min(self.max_size, limit + self._slow)
+        if cap != self.cap:
+            raised = cap > self.cap
+            self.cap = cap
+            if raised:
+                self._serve_more(now)
         if not self.n_waiting or self.cap >= self.max_size:
             return
         if self.committed >= self.max_size:  # held back by reservations
@@ -622,6 +645,22 @@ class PoolCore:
         adaptive.stalled()
         self.cap = adaptive.limit
         self._serve_more(now)
+
+    def _slow_borrows(self, lent_before: float) -> int:
+        """Borrows the limit counts that were lent before `lent_before`:
+        in each lane, those past its reservation (which the limit doesn't
+        count), at most."""
+        slow: dict[Lane, int] = {}
+        for entry in self.entries:
+            if entry.state == BUSY and entry.held_since < lent_before:
+                lane = entry.lane
+                assert lane is not None
+                slow[lane] = slow.get(lane, 0) + 1
+        return sum(
+            min(n, lane.in_use - lane.reserved)
+            for lane, n in slow.items()
+            if lane.in_use > lane.reserved
+        )
 
     def _unlease(self, entry: Entry) -> None:
         lane = entry.lane

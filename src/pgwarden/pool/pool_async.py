@@ -959,6 +959,8 @@ class AsyncPool:
             self._start_connects(act.connects)
             drained = core.closed and not core.busy
             delay = self._tick
+            if core.adaptive is not None:  # slow borrows: see _core.SLOW_BORROW
+                delay = min(delay, _core.WATCH_INTERVAL)
             if (
                 core.size < core.min_size or core.n_waiting
             ) and core.next_connect_at > now:

@@ -40,7 +40,7 @@ class PoolStats:
     waiting: int
     # Connections that may be on loan at once while callers queue,
     # reservations included: max_size, or less while adaptive_concurrency
-    # holds lending back.
+    # holds lending back (one more for each borrow on loan for 0.1 s).
     lend_limit: int
     lanes: Mapping[str, LaneStats]
     borrowed_total: int
