@@ -2,20 +2,22 @@
 
     python bench/adaptive.py [--seconds 15] [--rounds 2] [--only WORD]
 
-Three workloads where callers queue: `SELECT 1` from 64 threads over 16
+Four workloads where callers queue: `SELECT 1` from 64 threads over 16
 connections (the GIL is the bottleneck), short transactions from 16 threads
-over 8 (BEGIN, UPDATE, COMMIT), and `pg_sleep(0.002)` from 64 threads over 16
-(the server is). Each runs with the option off and on, alternating which
-goes first, for `--seconds` after 3 s of warm-up; it prints throughput and
-the limit the pool lent at, sampled every 0.1 s. `bench/run.py`'s rounds
-(1.5 s) are too short for the option's confirmations (several seconds): this
-is the long run.
-Run from the repository root.
+over 8 (BEGIN, UPDATE, COMMIT), `pg_sleep(0.002)` from 64 threads over 16
+(the server is), and `SELECT 1` with a 50 ms query in one borrow of 500 (a
+report among short queries). Each runs with the option off and on,
+alternating which goes first, for `--seconds` after 3 s of warm-up; it prints
+throughput, the 99th percentile of the time a borrow waited for its
+connection, and the limit the pool lent at, sampled every 0.1 s.
+`bench/run.py`'s rounds (1.5 s) are too short for the option's confirmations
+(several seconds): this is the long run. Run from the repository root.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import threading
@@ -51,26 +53,39 @@ def server_wait(conn: Any, rng: random.Random) -> None:
     conn.execute("SELECT pg_sleep(0.002)")
 
 
+def mostly_short(conn: Any, rng: random.Random) -> None:
+    """`SELECT 1`, and in one borrow of 500 a 50 ms query (a report)."""
+    conn.execute("SELECT pg_sleep(0.05)" if rng.random() < 0.002 else "SELECT 1")
+
+
 WORKLOADS: list[tuple[str, Op, int, int]] = [
     ("SELECT 1, 64 threads over 16", select1, 64, 16),
     ("short transaction, 16 threads over 8", transaction, 16, 8),
     ("pg_sleep(2 ms), 64 threads over 16", server_wait, 64, 16),
+    ("SELECT 1, 1 in 500 a 50 ms query, 64 threads over 16", mostly_short, 64, 16),
 ]
 
 
 def measure(
     dsn: str, op: Op, workers: int, size: int, adaptive: bool, seconds: float
-) -> tuple[float, Counter[int]]:
-    """Borrows per second after the warm-up, and the lend limits sampled."""
+) -> tuple[float, float, Counter[int]]:
+    """Borrows per second after the warm-up, their wait's p99 (seconds), and
+    the lend limits sampled."""
     with Pool(dsn, min_size=size, max_size=size, adaptive_concurrency=adaptive) as pool:
         pool.wait(10)
         stop = threading.Event()
+        measuring = threading.Event()
         counts = [0] * workers
+        waits: list[list[float]] = [[] for _ in range(workers)]
 
         def worker(i: int) -> None:
             rng = random.Random(i)
+            mine = waits[i]
             while not stop.is_set():
+                t0 = time.perf_counter()
                 with pool.connection() as conn:
+                    if measuring.is_set():
+                        mine.append(time.perf_counter() - t0)
                     op(conn, rng)
                 counts[i] += 1
 
@@ -79,15 +94,19 @@ def measure(
             t.start()
         time.sleep(WARMUP)
         limits: Counter[int] = Counter()
+        measuring.set()
         start, t0 = sum(counts), time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             time.sleep(0.1)
             limits[pool.stats().lend_limit] += 1
         rate = (sum(counts) - start) / (time.perf_counter() - t0)
+        measuring.clear()
         stop.set()
         for t in threads:
             t.join()
-    return rate, limits
+    every = sorted(w for mine in waits for w in mine)
+    p99 = every[int(len(every) * 0.99)] if every else math.nan
+    return rate, p99, limits
 
 
 def main() -> None:
@@ -113,19 +132,21 @@ def main() -> None:
                 continue
             print(title, flush=True)
             for round_ in range(args.rounds):
+                run = (dsn, op, workers, size)
                 # Alternating which goes first, so that drift hits both alike.
                 if round_ % 2 == 0:
-                    off, _ = measure(dsn, op, workers, size, False, args.seconds)
-                on, limits = measure(dsn, op, workers, size, True, args.seconds)
+                    off, off_p99, _ = measure(*run, False, args.seconds)
+                on, on_p99, limits = measure(*run, True, args.seconds)
                 if round_ % 2 == 1:
-                    off, _ = measure(dsn, op, workers, size, False, args.seconds)
+                    off, off_p99, _ = measure(*run, False, args.seconds)
                 shares = ", ".join(
                     f"{limit}: {n / sum(limits.values()):.0%}"
                     for limit, n in sorted(limits.items())
                 )
                 print(
-                    f"  round {round_ + 1}: off {off:7,.0f}/s  on {on:7,.0f}/s"
-                    f"  ({on / off:.2f}x)  lend limit {shares}",
+                    f"  round {round_ + 1}: off {off:7,.0f}/s (p99 wait"
+                    f" {off_p99 * 1e3:5.1f} ms)  on {on:7,.0f}/s (p99 wait"
+                    f" {on_p99 * 1e3:5.1f} ms)  ({on / off:.2f}x)  lend limit {shares}",
                     flush=True,
                 )
 
