@@ -168,6 +168,34 @@ def test_a_backoff_is_never_shortened() -> None:
     assert limiter._hold >= _adaptive.HOLD_MAX << 5
 
 
+def test_long_borrows_keep_it_off_the_floor() -> None:
+    # Faster one at a time, but one borrow in 500 holds its connection 50 ms:
+    # at the floor every queued caller would wait for it.
+    limiter = AdaptiveLimit(1, 16)
+    now, seen, n = 0.0, [], 0
+    while now < 30.0:
+        now += 1.0 / gil_bound(limiter.limit)
+        n += 1
+        seen.append(limiter.limit)
+        held = 0.05 if n % 500 == 0 else 1.0 / gil_bound(1)
+        limiter.ended(now, held)
+    assert limiter.probes_total >= 1
+    assert seen.count(16) / len(seen) > 0.9, Counter(seen)
+
+
+def test_a_kept_floor_is_left_when_long_borrows_appear() -> None:
+    limiter = AdaptiveLimit(1, 16)
+    now, _ = run(limiter, gil_bound, 10.0)
+    assert limiter.kept == 1
+    # Now one borrow in 500 holds its connection 50 ms: left within a second.
+    for n in range(1, 8000):
+        now += 1.0 / gil_bound(limiter.limit)
+        limiter.ended(now, 0.05 if n % 500 == 0 else 1.0 / gil_bound(1))
+        if limiter.limit == 16:
+            break
+    assert limiter.kept == 16 and limiter._refuted == 1
+
+
 def test_it_tries_no_limit_in_between() -> None:
     # Only the floor and the ceiling: limits in between walked by noise
     # where throughput is flat (see the module's docstring).

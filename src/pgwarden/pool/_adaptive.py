@@ -30,6 +30,10 @@ that changed nothing, the next hold is `SETTLE_GROWTH` times as long (up to
   waiting 2 ms on the server, say), the probe is skipped;
 - one that starts far behind (`ABORT`) ends after its first counted window.
 
+One connection at a time makes every queued caller wait for the longest
+borrow, so a borrow lent at the floor that holds its connection over
+`LONG_HELD` ends a probe, refutes a step down, or leaves a kept floor.
+
 A probe can be misled by drift, so a step down is confirmed by holding
 longer: the floor, then the ceiling again (`CONFIRM_HOLD` windows each,
 `CONFIRM_SKIP` not counted); the floor stays only if it was `CONFIRM` times
@@ -59,6 +63,11 @@ UP_KEEP = 1.0
 # shortest borrow seen, would make less than this share of the current
 # throughput.
 HOPELESS = 0.5
+# One connection at a time makes every queued caller wait for the longest
+# borrow: the floor is given up (a probe ends, a step down is refuted, a
+# kept floor is left) once a borrow lent there held its connection longer
+# than this (seconds). SELECT 1 from 64 threads held at most 4 ms.
+LONG_HELD = 0.02
 # A probe whose first counted window makes less than this share of the
 # throughput held before it ends there.
 ABORT = 0.6
@@ -109,6 +118,7 @@ class AdaptiveLimit:
         "_steady",
         "_sums",
         "_trial",
+        "_window_max",
         "ceiling",
         "floor",
         "limit",
@@ -126,6 +136,7 @@ class AdaptiveLimit:
     _started: float
     _steady: list[float]  # borrows and seconds of the windows held so far
     _min_held: float  # the shortest borrow seen in this hold (seconds)
+    _window_max: float  # the longest in the current window
     _rate: float  # the throughput of the last hold
     _confirming: bool  # holding to confirm a step down (see _confirm)
     # None while held at the floor, then the floor's throughput while the
@@ -176,13 +187,16 @@ class AdaptiveLimit:
             self._settling -= 1
             self._started = now
             return False
+        if held > self._window_max:
+            self._window_max = held
         self._count += 1
         elapsed = now - self._started
         if self._count < WINDOW_BORROWS or elapsed < WINDOW_SECONDS:
             return False
         old = self.limit
-        self._window_done(self._count, elapsed)
+        self._window_done(self._count, elapsed, self._window_max)
         self._count = 0
+        self._window_max = 0.0
         self._started = now
         if self.limit != old:
             self._settling = old
@@ -203,6 +217,7 @@ class AdaptiveLimit:
         self._settle(moved=True)
         self._min_held = held
         self._count = 0
+        self._window_max = 0.0
         self._started = now
         # Lent with no queue, so without the limit: not a window's.
         self._settling = self.ceiling
@@ -235,9 +250,10 @@ class AdaptiveLimit:
         self._confirming = False
         self._recheck = None
         self._hold = HOLD  # a first measure to compare probes against
+        self._window_max = 0.0
         self._settle(moved=True)
 
-    def _window_done(self, borrows: int, seconds: float) -> None:
+    def _window_done(self, borrows: int, seconds: float, longest: float) -> None:
         phase = self._phase
         if phase < 0:  # holding
             self._held += 1
@@ -245,6 +261,9 @@ class AdaptiveLimit:
             confirming = self._confirming
             # The first windows still show the last change.
             if self._held > (CONFIRM_SKIP if confirming else 1):
+                if self.limit < self.ceiling and longest > LONG_HELD:
+                    self._refute()  # the floor holds the queue up behind it
+                    return
                 steady[0] += borrows
                 steady[1] += seconds
             if self._held >= (CONFIRM_HOLD if confirming else self._hold):
@@ -256,6 +275,10 @@ class AdaptiveLimit:
                     self._probe_other()
             return
         self._phase = phase + 1
+        if self._trial < self._base and longest > LONG_HELD:
+            self.limit = self._base  # the floor would hold the queue up
+            self._settle(moved=False)
+            return
         if phase < PROBE_SKIP:
             return
         sums = self._sums
@@ -293,13 +316,22 @@ class AdaptiveLimit:
         else:
             self._confirming = False
             self._recheck = None
-            if recheck >= rate * CONFIRM:
-                self.limit = self.floor
-                self._refuted = 0
-                self._hold = HOLD_MAX
-            else:
-                self._hold = HOLD_MAX << min(self._refuted, BACKOFF)
-                self._refuted += 1
+            if recheck < rate * CONFIRM:
+                self._refute()
+                return
+            self.limit = self.floor
+            self._refuted = 0
+            self._hold = HOLD_MAX
+        self._settle(moved=True)
+
+    def _refute(self) -> None:
+        """Back to the ceiling from a step down: wait longer each time in a
+        row before trying again."""
+        self.limit = self.ceiling
+        self._confirming = False
+        self._recheck = None
+        self._hold = HOLD_MAX << min(self._refuted, BACKOFF)
+        self._refuted += 1
         self._settle(moved=True)
 
     def _probe_other(self) -> None:
