@@ -92,10 +92,10 @@ def test_a_probe_far_behind_ends_after_its_first_counted_window() -> None:
         seen.append(limiter.limit)
         limiter.ended(now, held)
     assert limiter.probes_total >= 1
-    # Per probe: the 16 lent before it, ending first, then the windows not
-    # counted and one counted, of WINDOW_BORROWS each at this rate.
+    # Per probe: the windows not counted and one counted, of WINDOW_BORROWS
+    # each at this rate (the model's borrows are lent one after the other).
     at_one = seen.count(1) / limiter.probes_total
-    assert at_one == 16 + (_adaptive.PROBE_SKIP + 1) * _adaptive.WINDOW_BORROWS
+    assert at_one == (_adaptive.PROBE_SKIP + 1) * _adaptive.WINDOW_BORROWS
 
 
 def test_probes_that_change_nothing_come_ever_more_rarely() -> None:
@@ -139,12 +139,8 @@ def test_a_step_down_that_only_looked_faster_is_taken_back() -> None:
 
 
 def test_a_lull_voids_a_confirmation_under_way() -> None:
-    limiter = AdaptiveLimit(1, 16)
-    now = 0.0
-    # Until the probe has kept the floor, and holds it to confirm it.
-    while not (limiter._confirming and limiter.limit == 1):
-        now += 1.0 / gil_bound(limiter.limit)
-        limiter.ended(now, 1.0 / gil_bound(1))
+    # The probe has kept the floor, and holds it to confirm it.
+    limiter, now = _confirming_at_the_floor()
     assert limiter.kept == 16
     # A lull, then borrowers that wait on the server: the floor is not theirs.
     now += _adaptive.LULL + 1.0
@@ -157,10 +153,14 @@ def test_a_lull_voids_a_confirmation_under_way() -> None:
 def test_a_backoff_is_never_shortened() -> None:
     limiter = AdaptiveLimit(1, 16)
     for _ in range(6):
-        limiter.stalled()
+        limiter.stalled(0.0)
     assert limiter._hold == _adaptive.HOLD_MAX << 5
-    limiter.lift()  # a caller it must not hold back
+    limiter.lift(0.0)  # a caller it must not hold back
     assert limiter._hold == _adaptive.HOLD_MAX << 5
+    fresh = AdaptiveLimit(1, 16)
+    fresh._hold = _adaptive.SETTLE_MAX
+    fresh.stalled(0.0)  # the first stall: not shorter than that
+    assert fresh._hold == _adaptive.SETTLE_MAX
     # Probes that change nothing (flat: the floor never wins) keep it.
     probes = limiter.probes_total
     run(limiter, lambda limit: 2000.0, 200.0)
@@ -194,6 +194,33 @@ def test_a_kept_floor_is_left_when_long_borrows_appear() -> None:
         if limiter.limit == 16:
             break
     assert limiter.kept == 16 and limiter._refuted == 1
+
+
+def _confirming_at_the_floor() -> tuple[AdaptiveLimit, float]:
+    limiter = AdaptiveLimit(1, 16)
+    now = 0.0
+    while not (limiter._confirming and limiter.limit == 1):
+        now += 1.0 / gil_bound(limiter.limit)
+        limiter.ended(now, 1.0 / gil_bound(1))
+    return limiter, now
+
+
+def test_only_long_borrows_lent_at_the_floor_give_it_up() -> None:
+    # Lent before the step down (at the ceiling), or in a lane's reservation
+    # (never held back): the queue did not wait on those.
+    limiter, now = _confirming_at_the_floor()
+    now += 0.001
+    limiter.ended(now, now - limiter._changed_at + 0.01)  # before the change
+    limiter.ended(now, 0.01, counted=False)
+    now += 0.001
+    limiter.ended(now, 0.15, counted=False)
+    now, _ = run(limiter, gil_bound, 0.2, now)
+    assert limiter.limit == 1 and limiter._refuted == 0
+    # Lent at the floor: even in a window that doesn't count for throughput.
+    now += 0.03
+    limiter.ended(now, 0.025)
+    run(limiter, gil_bound, 0.2, now)
+    assert limiter.limit == 16 and limiter._refuted == 1
 
 
 def test_it_tries_no_limit_in_between() -> None:
@@ -249,7 +276,7 @@ def test_stalled_lends_everything_and_waits_long_before_probing() -> None:
     limiter = AdaptiveLimit(1, 16)
     now, _ = run(limiter, gil_bound, 5.0)
     assert limiter.limit == 1
-    limiter.stalled()
+    limiter.stalled(now)
     assert limiter.limit == 16
     probes = limiter.probes_total
     seconds = (_adaptive.HOLD_MAX - 1) * _adaptive.WINDOW_SECONDS
@@ -258,7 +285,7 @@ def test_stalled_lends_everything_and_waits_long_before_probing() -> None:
     # Back to 1, confirmed; a stall again: it waits twice as long.
     now, _ = run(limiter, gil_bound, 10.0, now)
     assert limiter.kept == 1
-    limiter.stalled()
+    limiter.stalled(now)
     probes = limiter.probes_total
     seconds = (2 * _adaptive.HOLD_MAX - 1) * _adaptive.WINDOW_SECONDS
     _, seen = run(limiter, lambda limit: 1000.0, seconds, now)
@@ -273,7 +300,7 @@ def test_lifting_the_limit_for_a_caller_is_no_stall() -> None:
     now, _ = run(limiter, gil_bound, 5.0)
     assert limiter.limit == 1
     for _ in range(3):
-        limiter.lift()
+        limiter.lift(now)
     assert limiter.limit == 16
     probes = limiter.probes_total
     windows = _adaptive.HOLD_MAX + _adaptive.PROBE_SKIP + 2
@@ -283,8 +310,8 @@ def test_lifting_the_limit_for_a_caller_is_no_stall() -> None:
 
 def test_resize_starts_over_at_the_new_ceiling() -> None:
     limiter = AdaptiveLimit(1, 16)
-    run(limiter, gil_bound, 1.0)
-    limiter.resize(2, 8)
+    now, _ = run(limiter, gil_bound, 1.0)
+    limiter.resize(2, 8, now)
     assert (limiter.floor, limiter.limit, limiter.ceiling) == (2, 8, 8)
     _, seen = run(limiter, gil_bound, 2.0, 100.0)
     assert min(seen) == 2

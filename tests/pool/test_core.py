@@ -279,22 +279,24 @@ class ScriptedLimit:
         self.floor, self.ceiling, self.limit = floor, ceiling, ceiling
         self.next: int | None = None
         self.helds: list[float] = []  # what each ended() was told
+        self.counted: list[bool] = []
 
-    def ended(self, now: float, held: float) -> bool:
+    def ended(self, now: float, held: float, counted: bool = True) -> bool:
         self.helds.append(held)
+        self.counted.append(counted)
         if self.next is None:
             return False
         self.limit, self.next = self.next, None
         return True
 
-    def stalled(self) -> None:
+    def stalled(self, now: float) -> None:
         self.limit = self.ceiling
 
-    def lift(self) -> None:
+    def lift(self, now: float) -> None:
         self.limit = self.ceiling
 
-    def resize(self, floor: int, ceiling: int) -> None:
-        self.floor, self.ceiling, self.limit = floor, ceiling, ceiling
+    def resize(self, floor: int, ceiling: int, now: float) -> None:
+        self.floor, self.ceiling, self.limit = min(floor, ceiling), ceiling, ceiling
 
 
 @pytest.fixture
@@ -403,7 +405,17 @@ def test_a_give_back_tells_the_limit_how_long_the_borrow_held() -> None:
     assert held is not None
     core.enqueue(FakeWaiter(core.default_lane), 1.0, deadline=100.0)  # type: ignore[arg-type]
     core.release(held, 1.25, reusable=True)
-    assert scripted.helds == [pytest.approx(0.25)]
+    assert scripted.helds == [pytest.approx(0.25)] and scripted.counted == [True]
+
+
+def test_a_give_back_within_a_reservation_is_not_counted_by_the_limit() -> None:
+    core = _adaptive_core(2, lanes=[LaneSpec("batch", 1, 2)])
+    core.adaptive = scripted = ScriptedLimit(2, 4)  # type: ignore[assignment]
+    held = core.try_acquire(core.lanes["batch"], 1.0)
+    assert held is not None
+    core.enqueue(FakeWaiter(core.default_lane), 1.0, deadline=100.0)  # type: ignore[arg-type]
+    core.release(held, 1.25, reusable=True)
+    assert scripted.counted == [False]
 
 
 @pytest.mark.usefixtures("no_slow_borrows")

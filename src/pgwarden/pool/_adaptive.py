@@ -102,6 +102,7 @@ class AdaptiveLimit:
 
     __slots__ = (
         "_base",
+        "_changed_at",
         "_confirming",
         "_count",
         "_held",
@@ -112,7 +113,6 @@ class AdaptiveLimit:
         "_rate",
         "_recheck",
         "_refuted",
-        "_settling",
         "_stalls",
         "_started",
         "_steady",
@@ -131,7 +131,7 @@ class AdaptiveLimit:
     _sums: list[float]  # borrows and seconds of the probe's counted windows
     _held: int  # windows held so far
     _hold: int  # windows to hold
-    _settling: int
+    _changed_at: float  # when the limit last changed
     _count: int
     _started: float
     _steady: list[float]  # borrows and seconds of the windows held so far
@@ -166,29 +166,32 @@ class AdaptiveLimit:
             return self._base
         return self.ceiling if self._confirming else self.limit
 
-    def resize(self, floor: int, ceiling: int) -> None:
+    def resize(self, floor: int, ceiling: int, now: float) -> None:
         """New bounds (the pool was resized): start over at the ceiling."""
         self.floor = min(floor, ceiling)
         self.ceiling = ceiling
         self.limit = ceiling
         self._refuted = self._stalls = 0
-        self._restart(self._last)
+        self._restart(now)
 
-    def ended(self, now: float, held: float) -> bool:
+    def ended(self, now: float, held: float, counted: bool = True) -> bool:
         """A borrow that held its connection `held` seconds ended while
-        callers queue; True if `limit` changed."""
+        callers queue; True if `limit` changed. `counted`: whether the limit
+        counted it (a lane's reservation it never holds back, nor waits on)."""
         if now - self._last > LULL:  # a new busy spell
             self._last = now
-            return self._new_spell(now, held)
+            return self._new_spell(now)
         self._last = now
-        if held < self._min_held:
-            self._min_held = held
-        if self._settling:  # the borrows lent under the previous limit
-            self._settling -= 1
+        if now - held < self._changed_at:  # lent before the last change
+            self._count = 0
+            self._window_max = 0.0
             self._started = now
             return False
-        if held > self._window_max:
-            self._window_max = held
+        if counted:
+            if held < self._min_held:
+                self._min_held = held
+            if held > self._window_max:
+                self._window_max = held
         self._count += 1
         elapsed = now - self._started
         if self._count < WINDOW_BORROWS or elapsed < WINDOW_SECONDS:
@@ -199,11 +202,11 @@ class AdaptiveLimit:
         self._window_max = 0.0
         self._started = now
         if self.limit != old:
-            self._settling = old
+            self._changed_at = now
             return True
         return False
 
-    def _new_spell(self, now: float, held: float) -> bool:
+    def _new_spell(self, now: float) -> bool:
         """Measuring starts over: the lull would count as slowness, and the
         load may have changed. A running probe is void, and so is a step
         down not confirmed yet (back to the ceiling); a kept limit stays."""
@@ -215,33 +218,34 @@ class AdaptiveLimit:
             self._confirming = False
             self._recheck = None
         self._settle(moved=True)
-        self._min_held = held
         self._count = 0
         self._window_max = 0.0
         self._started = now
         # Lent with no queue, so without the limit: not a window's.
-        self._settling = self.ceiling
+        self._changed_at = now
         return self.limit != old
 
-    def lift(self) -> None:
+    def lift(self, now: float) -> None:
         """A caller the limit must not hold back found no idle connection:
         lend them all (so that one is opened for it), and probe later."""
         self.limit = self.ceiling
+        self._changed_at = now
         self._confirming = False
         self._recheck = None
         self._hold = max(self._hold, HOLD_MAX)
         self._settle(moved=True)
 
-    def stalled(self) -> None:
+    def stalled(self, now: float) -> None:
         """The limit held a caller back long while the pool had room (a
         borrower waiting on another one's borrow, say): lend them all, and
         probe much later, the later the more often it happens."""
-        self.lift()
-        self._hold = HOLD_MAX << min(self._stalls, STALL_BACKOFF)
+        self.lift(now)
+        backoff = HOLD_MAX << min(self._stalls, STALL_BACKOFF)
+        self._hold = max(self._hold, backoff)
         self._stalls += 1
 
     def _restart(self, now: float) -> None:
-        self._settling = 0  # borrows to skip before a window starts
+        self._changed_at = now  # borrows lent before don't count
         self._count = 0
         self._started = now
         self._base = self._trial = self.limit
@@ -259,11 +263,11 @@ class AdaptiveLimit:
             self._held += 1
             steady = self._steady
             confirming = self._confirming
+            if self.limit < self.ceiling and longest > LONG_HELD:
+                self._refute()  # the floor holds the queue up behind it
+                return
             # The first windows still show the last change.
             if self._held > (CONFIRM_SKIP if confirming else 1):
-                if self.limit < self.ceiling and longest > LONG_HELD:
-                    self._refute()  # the floor holds the queue up behind it
-                    return
                 steady[0] += borrows
                 steady[1] += seconds
             if self._held >= (CONFIRM_HOLD if confirming else self._hold):

@@ -66,8 +66,8 @@ STRANDED_AFTER = 30.0
 STALL_AFTER = 1.0
 
 # While the adaptive limit is below max_size, a borrow on loan this long stops
-# counting against it, so that the queue does not wait on a report or a batch;
-# the maintenance runs this often then (WATCH_INTERVAL).
+# counting against it, so that the queue does not wait on a report or a batch.
+# With adaptive concurrency on, maintenance runs this often (WATCH_INTERVAL).
 SLOW_BORROW = 0.1
 WATCH_INTERVAL = 0.1
 
@@ -396,7 +396,7 @@ class PoolCore:
             and self.committed < self.max_size
             and lane.in_use < lane.limit
         ):
-            self.adaptive.lift()
+            self.adaptive.lift(now)
             self.cap = self.adaptive.limit
         return entry
 
@@ -564,7 +564,7 @@ class PoolCore:
                 self.idle.append(entry)
                 return None
             elif self.adaptive is not None and self.adaptive.ended(
-                now, now - entry.held_since
+                now, now - entry.held_since, in_use >= lane.reserved
             ):
                 return self._limit_changed(entry, now)
             else:
@@ -642,7 +642,7 @@ class PoolCore:
         ]
         if not since or now - min(since) < STALL_AFTER:
             return
-        adaptive.stalled()
+        adaptive.stalled(now)
         self.cap = adaptive.limit
         self._serve_more(now)
 
@@ -914,7 +914,7 @@ class PoolCore:
         self.cap = max_size
         if self.adaptive is not None:
             reserved = sum(lane.reserved for lane in self.lanes.values())
-            self.adaptive.resize(reserved + 1, max_size)
+            self.adaptive.resize(reserved + 1, max_size, now)
         if self._default_added:
             self.default_lane.limit = max_size
         for lane in self.lanes.values():

@@ -40,7 +40,8 @@ class PoolStats:
     waiting: int
     # Connections that may be on loan at once while callers queue,
     # reservations included: max_size, or less while adaptive_concurrency
-    # holds lending back (one more for each borrow on loan for 0.1 s).
+    # holds lending back (then one more for each borrow on loan for 0.1 s
+    # past its lane's reservation, as of the last maintenance step).
     lend_limit: int
     lanes: Mapping[str, LaneStats]
     borrowed_total: int
