@@ -28,7 +28,7 @@ that changed nothing, the next hold is `SETTLE_GROWTH` times as long (up to
   most one borrow per shortest borrow seen (held, from lend to give-back);
   if that bound is under `HOPELESS` of the current throughput (borrowers
   waiting 2 ms on the server, say), the probe is skipped;
-- one that starts far behind (`ABORT`) ends after its first counted window.
+- one that starts far behind (`ABORT`) ends after its first window.
 
 One connection at a time makes every queued caller wait for the longest
 borrow, so a borrow lent at the floor that holds its connection over
@@ -68,8 +68,8 @@ HOPELESS = 0.5
 # kept floor is left) once a borrow lent there held its connection longer
 # than this (seconds). SELECT 1 from 64 threads held at most 4 ms.
 LONG_HELD = 0.02
-# A probe whose first counted window makes less than this share of the
-# throughput held before it ends there.
+# A probe whose first window makes less than this share of the throughput
+# held before it ends there.
 ABORT = 0.6
 # The floor, once held, must make this multiple of the ceiling's throughput,
 # held again. After each refuted step down in a row, the hold that follows
@@ -279,8 +279,13 @@ class AdaptiveLimit:
                     self._probe_other()
             return
         self._phase = phase + 1
-        if self._trial < self._base and longest > LONG_HELD:
-            self.limit = self._base  # the floor would hold the queue up
+        if (self._trial < self._base and longest > LONG_HELD) or (
+            phase == 0 and borrows < ABORT * self._rate * seconds
+        ):
+            # The floor would hold the queue up, or far behind at once (a
+            # level that wins takes a while to show how much, but it does
+            # not start out that far behind): not worth the rest.
+            self.limit = self._base
             self._settle(moved=False)
             return
         if phase < PROBE_SKIP:
@@ -288,10 +293,6 @@ class AdaptiveLimit:
         sums = self._sums
         sums[0] += borrows
         sums[1] += seconds
-        if phase == PROBE_SKIP and borrows < ABORT * self._rate * seconds:
-            self.limit = self._base  # far behind: not worth the rest
-            self._settle(moved=False)
-            return
         if phase + 1 < PROBE_SKIP + PROBE_WINDOWS:
             return
         gain = sums[0] / sums[1] / self._rate
