@@ -495,21 +495,8 @@ def test_resize_lends_everything_again() -> None:
     assert core.cap == core.adaptive.limit == core.adaptive.ceiling == 6
 
 
-@pytest.mark.usefixtures("no_slow_borrows")
-def test_callers_waiting_long_beside_idle_connections_lift_the_limit() -> None:
-    core = _adaptive_core(2, test_while_idle=False)
-    core.cap = core.adaptive.limit = 1
-    held = core.try_acquire(core.default_lane, 0.0)
-    assert held is not None
-    waiter = FakeWaiter(core.default_lane)
-    core.enqueue(waiter, 0.0, deadline=100.0)  # type: ignore[arg-type]
-    assert core.maintain(_core.STALL_AFTER / 2).served == []
-    act = core.maintain(_core.STALL_AFTER + 0.1)
-    assert act.served == [waiter] and waiter.entry is not None
-    assert core.cap == core.max_size == 4
-
-
-def test_a_slow_borrow_stops_counting_against_the_limit() -> None:
+def _one_lent_one_held_back() -> tuple[PoolCore, Entry, FakeWaiter]:
+    """A core lending one of two at a time: one lent, one caller queued."""
     core = _adaptive_core(2, test_while_idle=False)
     assert core.adaptive is not None
     core.cap = core.adaptive.limit = 1
@@ -517,6 +504,21 @@ def test_a_slow_borrow_stops_counting_against_the_limit() -> None:
     assert held is not None
     waiter = FakeWaiter(core.default_lane)
     core.enqueue(waiter, 0.0, deadline=100.0)  # type: ignore[arg-type]
+    return core, held, waiter
+
+
+@pytest.mark.usefixtures("no_slow_borrows")
+def test_callers_waiting_long_beside_idle_connections_lift_the_limit() -> None:
+    core, _, waiter = _one_lent_one_held_back()
+    assert core.maintain(_core.STALL_AFTER / 2).served == []
+    act = core.maintain(_core.STALL_AFTER + 0.1)
+    assert act.served == [waiter] and waiter.entry is not None
+    assert core.cap == core.max_size == 4
+
+
+def test_a_slow_borrow_stops_counting_against_the_limit() -> None:
+    core, held, waiter = _one_lent_one_held_back()
+    assert core.adaptive is not None
     assert core.maintain(_core.SLOW_BORROW / 2).served == []
     act = core.maintain(_core.SLOW_BORROW + 0.01)
     assert act.served == [waiter] and waiter.entry is not None

@@ -528,6 +528,24 @@ def timed_borrow(pool: Pool) -> float:
     return time.monotonic() - t0
 
 
+def borrow_held_back_beside_an_idle_one(
+    pool: Pool,
+) -> tuple[float, list[Any]]:
+    """With the limit at 1, lend all three connections (no queue: not held
+    back), then time another caller's borrow: it queues, one connection is
+    given back, idle, but the queue is held back. Return that borrow's
+    seconds and the two connections still held."""
+    hold_lending_to(pool, 1)
+    held = [pool.getconn() for _ in range(3)]
+
+    def give_one_back() -> None:
+        wait_until(lambda: pool.stats().waiting == 1)
+        pool.putconn(held.pop())
+
+    waited, _ = run_all([lambda: timed_borrow(pool), give_one_back])
+    return waited, held
+
+
 def test_adaptive_concurrency_never_holds_a_caller_back_from_itself(
     dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -563,15 +581,8 @@ def test_a_caller_held_back_beside_idle_connections_gets_one_soon(
     monkeypatch.setattr(_core, "SLOW_BORROW", math.inf)  # the stall rule, then
     with small_pool(dsn, min_size=3, max_size=3, adaptive_concurrency=True) as pool:
         pool.wait(5)
-        hold_lending_to(pool, 1)
-        held = [pool.getconn() for _ in range(3)]  # no queue: not held back
-
-        def give_one_back() -> None:
-            wait_until(lambda: pool.stats().waiting == 1)
-            pool.putconn(held.pop())  # idle, but the queue is held back
-
         # Another caller's borrow, which the holders wait on.
-        waited, _ = run_all([lambda: timed_borrow(pool), give_one_back])
+        waited, held = borrow_held_back_beside_an_idle_one(pool)
         for conn in held:
             pool.putconn(conn)
         # The maintenance lifts the limit (every second here).
@@ -584,16 +595,9 @@ def test_a_caller_held_back_behind_slow_borrows_gets_one_soon(
 ) -> None:
     with small_pool(dsn, min_size=3, max_size=3, adaptive_concurrency=True) as pool:
         pool.wait(5)
-        hold_lending_to(pool, 1)
-        held = [pool.getconn() for _ in range(3)]  # no queue: not held back
-
-        def give_one_back() -> None:
-            wait_until(lambda: pool.stats().waiting == 1)
-            pool.putconn(held.pop())  # idle, but the queue is held back
-
         # The two still on loan (a report, say) are slow soon: the limit
         # stops counting them, within a maintenance step (WATCH_INTERVAL).
-        waited, _ = run_all([lambda: timed_borrow(pool), give_one_back])
+        waited, held = borrow_held_back_beside_an_idle_one(pool)
         assert waited < _core.STALL_AFTER
         assert pool.stats().lend_limit == 3  # 1, and 2 slow
         for conn in held:

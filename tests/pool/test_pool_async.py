@@ -549,6 +549,24 @@ async def timed_borrow(pool: AsyncPool) -> float:
     return time.monotonic() - t0
 
 
+async def borrow_held_back_beside_an_idle_one(
+    pool: AsyncPool,
+) -> tuple[float, list[Any]]:
+    """With the limit at 1, lend all three connections (no queue: not held
+    back), then time another caller's borrow: it queues, one connection is
+    given back, idle, but the queue is held back. Return that borrow's
+    seconds and the two connections still held."""
+    hold_lending_to(pool, 1)
+    held = [await pool.getconn() for _ in range(3)]
+
+    async def give_one_back() -> None:
+        await await_until(lambda: pool.stats().waiting == 1)
+        await pool.putconn(held.pop())
+
+    waited, _ = await run_all([lambda: timed_borrow(pool), give_one_back])
+    return waited, held
+
+
 async def test_adaptive_concurrency_never_holds_a_caller_back_from_itself(
     dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -588,15 +606,8 @@ async def test_a_caller_held_back_beside_idle_connections_gets_one_soon(
         dsn, min_size=3, max_size=3, adaptive_concurrency=True
     ) as pool:
         await pool.wait(5)
-        hold_lending_to(pool, 1)
-        held = [await pool.getconn() for _ in range(3)]  # no queue: not held back
-
-        async def give_one_back() -> None:
-            await await_until(lambda: pool.stats().waiting == 1)
-            await pool.putconn(held.pop())  # idle, but the queue is held back
-
         # Another caller's borrow, which the holders wait on.
-        waited, _ = await run_all([lambda: timed_borrow(pool), give_one_back])
+        waited, held = await borrow_held_back_beside_an_idle_one(pool)
         for conn in held:
             await pool.putconn(conn)
         # The maintenance lifts the limit (every second here).
@@ -611,16 +622,9 @@ async def test_a_caller_held_back_behind_slow_borrows_gets_one_soon(
         dsn, min_size=3, max_size=3, adaptive_concurrency=True
     ) as pool:
         await pool.wait(5)
-        hold_lending_to(pool, 1)
-        held = [await pool.getconn() for _ in range(3)]  # no queue: not held back
-
-        async def give_one_back() -> None:
-            await await_until(lambda: pool.stats().waiting == 1)
-            await pool.putconn(held.pop())  # idle, but the queue is held back
-
         # The two still on loan (a report, say) are slow soon: the limit
         # stops counting them, within a maintenance step (WATCH_INTERVAL).
-        waited, _ = await run_all([lambda: timed_borrow(pool), give_one_back])
+        waited, held = await borrow_held_back_beside_an_idle_one(pool)
         assert waited < _core.STALL_AFTER
         assert pool.stats().lend_limit == 3  # 1, and 2 slow
         for conn in held:
