@@ -236,6 +236,10 @@ def _is_postgres(pid: int) -> bool:
         return False
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_removes_the_embedded_server() -> None:
     proc = subprocess.Popen(
@@ -244,6 +248,9 @@ def test_ctrl_c_removes_the_embedded_server() -> None:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # Run from a background job, the suite's children ignore SIGINT, and
+        # so would the demo (Python keeps an ignored SIGINT ignored).
+        preexec_fn=_default_sigint,
     )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=_read_lines, args=(proc, lines), daemon=True).start()
