@@ -2,11 +2,13 @@
 
     python bench/adaptive.py [--seconds 15] [--rounds 2] [--only WORD]
 
-Four workloads where callers queue: `SELECT 1` from 64 threads over 16
+Workloads where callers queue: `SELECT 1` from 64 threads over 16
 connections (the GIL is the bottleneck), short transactions from 16 threads
 over 8 (BEGIN, UPDATE, COMMIT), `pg_sleep(0.002)` from 64 threads over 16
-(the server is), and `SELECT 1` with a 50 ms query in one borrow of 500 (a
-report among short queries). Each runs with the option off and on,
+(the server is), `SELECT 1` with a 50 ms query in one borrow of 500 (a
+report among short queries), Python work while a connection is held and
+between borrows, and three lanes sharing 40 connections (the seed's shape).
+Each runs with the option off and on,
 alternating which goes first, for `--seconds` after 3 s of warm-up; it prints
 throughput, the 99th percentile of the time a borrow waited for its
 connection, and the limit the pool lent at, sampled every 0.1 s.
@@ -25,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,20 +60,81 @@ def mostly_short(conn: Any, rng: random.Random) -> None:
     conn.execute("SELECT pg_sleep(0.05)" if rng.random() < 0.002 else "SELECT 1")
 
 
-WORKLOADS: list[tuple[str, Op, int, int]] = [
-    ("SELECT 1, 64 threads over 16", select1, 64, 16),
-    ("short transaction, 16 threads over 8", transaction, 16, 8),
-    ("pg_sleep(2 ms), 64 threads over 16", server_wait, 64, 16),
-    ("SELECT 1, 1 in 500 a 50 ms query, 64 threads over 16", mostly_short, 64, 16),
+def python_work(seconds: float) -> None:
+    """Keep the GIL busy, as a request's own Python code does."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def work_in_borrow(conn: Any, rng: random.Random) -> None:
+    """Two queries with 0.2 ms of Python between them, connection held."""
+    conn.execute("SELECT 1")
+    python_work(0.0002)
+    conn.execute("SELECT 1")
+
+
+def work_between(rng: random.Random) -> None:
+    python_work(0.0003)
+
+
+def short_txn(conn: Any, rng: random.Random) -> None:
+    (transaction if rng.random() < 0.5 else select1)(conn, rng)
+
+
+class Workload(NamedTuple):
+    title: str
+    op: Op
+    workers: int
+    size: int
+    between: Callable[[random.Random], None] | None = None  # between borrows
+    lanes: dict[str, tuple[int, int]] | None = None  # worker i: lane i % len
+
+
+WORKLOADS: list[Workload] = [
+    Workload("SELECT 1, 64 threads over 16", select1, 64, 16),
+    Workload("short transaction, 16 threads over 8", transaction, 16, 8),
+    Workload("pg_sleep(2 ms), 64 threads over 16", server_wait, 64, 16),
+    Workload(
+        "SELECT 1, 1 in 500 a 50 ms query, 64 threads over 16", mostly_short, 64, 16
+    ),
+    Workload(
+        "two SELECT 1 with 0.2 ms of Python between, 64 threads over 16",
+        work_in_borrow,
+        64,
+        16,
+    ),
+    Workload(
+        "SELECT 1 and 0.3 ms of Python after each borrow, 64 threads over 16",
+        select1,
+        64,
+        16,
+        between=work_between,
+    ),
+    Workload(
+        "lanes: SELECT 1 or a transaction, 96 threads over 40 in 3 lanes",
+        short_txn,
+        96,
+        40,
+        lanes={"api": (4, 40), "web": (4, 40), "calls": (4, 40)},
+    ),
 ]
 
 
 def measure(
-    dsn: str, op: Op, workers: int, size: int, adaptive: bool, seconds: float
+    dsn: str, load: Workload, adaptive: bool, seconds: float
 ) -> tuple[float, float, Counter[int]]:
     """Borrows per second after the warm-up, their wait's p99 (seconds), and
     the lend limits sampled."""
-    with Pool(dsn, min_size=size, max_size=size, adaptive_concurrency=adaptive) as pool:
+    op, workers, size, between = load.op, load.workers, load.size, load.between
+    names = list(load.lanes or [None])
+    with Pool(
+        dsn,
+        min_size=size,
+        max_size=size,
+        adaptive_concurrency=adaptive,
+        lanes=load.lanes or (),
+    ) as pool:
         pool.wait(10)
         stop = threading.Event()
         measuring = threading.Event()
@@ -81,13 +144,16 @@ def measure(
         def worker(i: int) -> None:
             rng = random.Random(i)
             mine = waits[i]
+            lane = names[i % len(names)]
             while not stop.is_set():
                 t0 = time.perf_counter()
-                with pool.connection() as conn:
+                with pool.connection(lane) as conn:
                     if measuring.is_set():
                         mine.append(time.perf_counter() - t0)
                     op(conn, rng)
                 counts[i] += 1
+                if between is not None:
+                    between(rng)
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
         for t in threads:
@@ -127,12 +193,12 @@ def main() -> None:
             conn.execute(
                 "INSERT INTO adaptive_bench SELECT g, 0 FROM generate_series(1, 1000) g"
             )
-        for title, op, workers, size in WORKLOADS:
-            if args.only and not any(word in title for word in args.only):
+        for load in WORKLOADS:
+            if args.only and not any(word in load.title for word in args.only):
                 continue
-            print(title, flush=True)
+            print(load.title, flush=True)
             for round_ in range(args.rounds):
-                run = (dsn, op, workers, size)
+                run = (dsn, load)
                 # Alternating which goes first, so that drift hits both alike.
                 if round_ % 2 == 0:
                     off, off_p99, _ = measure(*run, False, args.seconds)

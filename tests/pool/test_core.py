@@ -531,6 +531,21 @@ def test_a_slow_borrow_stops_counting_against_the_limit() -> None:
     assert core.cap == 1
 
 
+def test_maintenance_watches_the_limit_only_while_it_holds_callers_back() -> None:
+    core = _adaptive_core(2, test_while_idle=False)
+    assert core.adaptive is not None
+    assert not core.watching  # every connection lent
+    core.cap = core.adaptive.limit = 1
+    assert not core.watching  # no queue: nobody held back
+    core, held, waiter = _one_lent_one_held_back()
+    assert core.watching
+    core.release(held, 0.01, reusable=True)  # served: the queue is gone
+    assert waiter.entry is not None and not core.watching
+    plain = PoolCore(min_size=0, max_size=2)  # adaptive concurrency off
+    plain.enqueue(FakeWaiter(plain.default_lane), 0.0, 100.0)  # type: ignore[arg-type]
+    assert not plain.watching
+
+
 def test_a_slow_borrow_within_a_reservation_lifts_nothing() -> None:
     core = _adaptive_core(3, lanes=[LaneSpec("batch", 1, 2)], test_while_idle=False)
     assert core.adaptive is not None and core.adaptive.floor == 2

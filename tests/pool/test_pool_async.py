@@ -672,6 +672,54 @@ async def test_a_lone_caller_with_no_idle_connection_gets_a_new_one(
         assert pool.stats().size == 2
 
 
+async def test_maintenance_runs_often_only_while_the_limit_holds_callers_back(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_core, "SLOW_BORROW", math.inf)  # keep the caller queued
+    async with small_pool(
+        dsn, min_size=2, max_size=2, adaptive_concurrency=True
+    ) as pool:
+        await pool.wait(5)
+        steps: list[float] = []
+        maintain = pool._maintain
+
+        async def counted() -> float:
+            steps.append(time.monotonic())
+            return await maintain()
+
+        pool._maintain = counted  # type: ignore[method-assign]
+
+        async def steps_while_one_queues(window: float) -> int:
+            """Lend both, queue a caller for `window` seconds, give back."""
+            held = [await pool.getconn() for _ in range(2)]  # no queue: lent
+
+            async def give_back() -> None:
+                await await_until(lambda: pool.stats().waiting == 1)
+                n = len(steps)
+                await asleep(window)
+                count[0] = len(steps) - n
+                for conn in held:
+                    await pool.putconn(conn)
+
+            count = [0]
+            await run_all([lambda: timed_borrow(pool), give_back])
+            return count[0]
+
+        # Every connection lent, callers queue: the usual pace (1 s here).
+        assert await steps_while_one_queues(0.6) <= 2
+        # The limit holds the caller back: a step at once (the last one just
+        # ran), then every WATCH_INTERVAL.
+        hold_lending_to(pool, 1)
+        n = len(steps)
+        await await_until(lambda: len(steps) > n)
+        assert await steps_while_one_queues(0.5) >= 3
+        # Nobody queues any more: the usual pace again.
+        n = len(steps)
+        await asleep(0.6)
+        assert len(steps) - n <= 2
+        assert pool.stats().lend_limit == 1
+
+
 async def test_adaptive_concurrency_under_load_loses_no_borrow(dsn: str) -> None:
     async with small_pool(
         dsn, min_size=4, max_size=4, adaptive_concurrency=True

@@ -67,7 +67,8 @@ STALL_AFTER = 1.0
 
 # While the adaptive limit is below max_size, a borrow on loan this long stops
 # counting against it, so that the queue does not wait on a report or a batch.
-# With adaptive concurrency on, maintenance runs this often (WATCH_INTERVAL).
+# Maintenance runs this often (WATCH_INTERVAL) while the limit is below
+# max_size and callers queue, and at its usual pace otherwise.
 SLOW_BORROW = 0.1
 WATCH_INTERVAL = 0.1
 
@@ -303,6 +304,17 @@ class PoolCore:
     def size(self) -> int:
         """Connections open or being opened."""
         return len(self.entries) + self.opening
+
+    @property
+    def watching(self) -> bool:
+        """Whether maintenance must run every `WATCH_INTERVAL`: while the
+        adaptive limit may hold callers back (see `_watch_limit`)."""
+        adaptive = self.adaptive
+        return (
+            adaptive is not None
+            and adaptive.limit < self.max_size
+            and bool(self.n_waiting)
+        )
 
     def can_take(self, lane: Lane) -> bool:
         """Whether `lane` may take one more connection now (for a caller

@@ -101,6 +101,8 @@ class Pool:
         self._reopen_after_fork = False
         self._tasks: set[Any] = set()
         self._wakeup: Event | None = None  # nudges the maintenance loop
+        # Maintenance runs every WATCH_INTERVAL: the adaptive limit holds back.
+        self._watching = False
         self._ready: Event | None = None  # set once min_size connections are open
         self._drained: Event | None = None  # set when the last borrower returns
         # Run the maintenance step often enough for the tightest setting.
@@ -427,9 +429,13 @@ class Pool:
             ) from None
         n = self._core.wanted_connects(now)
         self._start_connects(n)
-        if not n and self._core.next_connect_at > now and self._wakeup is not None:
-            # Backing off: have maintenance connect as soon as the backoff ends.
-            self._wakeup.set()
+        if self._wakeup is not None:
+            if not n and self._core.next_connect_at > now:
+                # Backing off: have maintenance connect as soon as it ends.
+                self._wakeup.set()
+            elif not self._watching and self._core.watching:
+                self._watching = True  # see _maintain()
+                self._wakeup.set()
         return waiter
 
     def _wait_for(self, waiter: Waiter) -> Entry:
@@ -834,7 +840,10 @@ class Pool:
             self._start_connects(act.connects)
             drained = core.closed and not core.busy
             delay = self._tick
-            if core.adaptive is not None:  # slow borrows: see _core.SLOW_BORROW
+            # Slow borrows and stalls (see _core.SLOW_BORROW); _enqueue()
+            # wakes this loop up when the limit starts holding callers back.
+            self._watching = core.watching
+            if self._watching:
                 delay = min(delay, _core.WATCH_INTERVAL)
             if (
                 core.size < core.min_size or core.n_waiting

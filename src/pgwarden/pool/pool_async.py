@@ -113,6 +113,8 @@ class AsyncPool:
             self._clock_at = 0.0
         self._tasks: set[Any] = set()
         self._wakeup: AEvent | None = None  # nudges the maintenance loop
+        # Maintenance runs every WATCH_INTERVAL: the adaptive limit holds back.
+        self._watching = False
         self._ready: AEvent | None = None  # set once min_size connections are open
         self._drained: AEvent | None = None  # set when the last borrower returns
         # Run the maintenance step often enough for the tightest setting.
@@ -467,9 +469,13 @@ class AsyncPool:
             ) from None
         n = self._core.wanted_connects(now)
         self._start_connects(n)
-        if not n and self._core.next_connect_at > now and self._wakeup is not None:
-            # Backing off: have maintenance connect as soon as the backoff ends.
-            self._wakeup.set()
+        if self._wakeup is not None:
+            if not n and self._core.next_connect_at > now:
+                # Backing off: have maintenance connect as soon as it ends.
+                self._wakeup.set()
+            elif not self._watching and self._core.watching:
+                self._watching = True  # see _maintain()
+                self._wakeup.set()
         return waiter
 
     async def _wait_for(self, waiter: AWaiter) -> Entry:
@@ -959,7 +965,10 @@ class AsyncPool:
             self._start_connects(act.connects)
             drained = core.closed and not core.busy
             delay = self._tick
-            if core.adaptive is not None:  # slow borrows: see _core.SLOW_BORROW
+            # Slow borrows and stalls (see _core.SLOW_BORROW); _enqueue()
+            # wakes this loop up when the limit starts holding callers back.
+            self._watching = core.watching
+            if self._watching:
                 delay = min(delay, _core.WATCH_INTERVAL)
             if (
                 core.size < core.min_size or core.n_waiting
