@@ -83,6 +83,27 @@ def test_it_keeps_every_connection_when_each_adds_throughput() -> None:
     assert set(seen) == {16} and limiter.probes_total == 0
 
 
+def test_the_first_probe_comes_after_a_short_hold() -> None:
+    limiter = AdaptiveLimit(1, 16)
+    now = 0.0
+    while limiter.limit == 16:
+        now += 1.0 / gil_bound(16)
+        limiter.ended(now, 1.0 / gil_bound(1))
+    first = _adaptive.FIRST_HOLD * _adaptive.WINDOW_SECONDS
+    assert first <= now < first * 1.1
+
+
+def test_borrows_that_look_longer_at_the_ceiling_still_get_a_probe() -> None:
+    # At the ceiling, GIL-bound borrows also wait for the GIL while they hold
+    # their connection: the shortest seen is several times its time alone.
+    limiter = AdaptiveLimit(1, 16)
+    now = 0.0
+    while now < 2.0 and not limiter.probes_total:
+        now += 1.0 / gil_bound(limiter.limit)
+        limiter.ended(now, 0.0012)
+    assert limiter.probes_total == 1
+
+
 def test_a_probe_far_behind_ends_after_its_first_window() -> None:
     # As server_bound, but borrows look short: the probe is tried.
     limiter = AdaptiveLimit(1, 16)
@@ -138,16 +159,58 @@ def test_a_step_down_that_only_looked_faster_is_taken_back() -> None:
     assert len(holds) >= 3 and all(b == 2 * a for a, b in pairwise(holds)), holds
 
 
-def test_a_lull_voids_a_confirmation_under_way() -> None:
+def test_after_a_lull_a_floor_far_behind_is_given_up_soon() -> None:
     # The probe has kept the floor, and holds it to confirm it.
     limiter, now = _confirming_at_the_floor()
     assert limiter.kept == 16
     # A lull, then borrowers that wait on the server: the floor is not theirs.
     now += _adaptive.LULL + 1.0
-    assert limiter.ended(now, 0.004) is True
-    assert limiter.limit == limiter.kept == 16
+    assert limiter.ended(now, 0.004) is False  # the hold goes on...
     _, seen = run(limiter, server_bound, 10.0, now)
-    assert set(seen) == {16}
+    # ...for two windows (the first shows the load coming back): far behind
+    # what the ceiling made before.
+    two = 2 * _adaptive.WINDOW_BORROWS
+    assert seen[:two] == [1] * two and seen.count(1) == two
+    assert limiter.kept == 16 and limiter._refuted == 1
+
+
+def test_a_lull_pauses_a_confirmation_at_the_floor() -> None:
+    # Bursts of load shorter than a confirmation, with lulls between them.
+    limiter, now = _confirming_at_the_floor()
+    seen: list[int] = []
+    bursts = 0
+    while limiter.limit == 1:
+        held = limiter._held
+        now, burst = run(limiter, gil_bound, 0.3, now + _adaptive.LULL + 1.0)
+        seen += burst
+        bursts += 1
+        assert limiter.limit == 16 or limiter._held > held  # went on where it was
+    # The hold at the floor took several bursts, served at the floor...
+    assert bursts >= 3 and seen.count(1) / len(seen) > 0.9
+    # ...then the ceiling is held again, to compare.
+    assert limiter._recheck is not None and limiter._refuted == 0
+
+
+def test_a_lull_voids_the_ceiling_held_again_to_confirm_a_step_down() -> None:
+    limiter, now = _confirming_at_the_floor()
+    while limiter.limit == 1:  # to the end of the hold at the floor
+        now += 1.0 / gil_bound(limiter.limit)
+        limiter.ended(now, 1.0 / gil_bound(1))
+    assert limiter._recheck is not None and limiter.kept == 16
+    now += _adaptive.LULL + 1.0
+    limiter.ended(now, 1.0 / gil_bound(1))
+    assert limiter.limit == limiter.kept == 16
+    assert not limiter._confirming and limiter._recheck is None
+
+
+def test_after_a_lull_a_kept_floor_far_behind_is_given_up_soon() -> None:
+    limiter = AdaptiveLimit(1, 16)
+    now, _ = run(limiter, gil_bound, 5.0)
+    assert limiter.kept == 1
+    now, seen = run(limiter, server_bound, 2.0, now + _adaptive.LULL + 1.0)
+    # Two windows, after the borrow that ended the lull.
+    assert seen.count(1) == 2 * _adaptive.WINDOW_BORROWS + 1
+    assert limiter.kept == 16 and limiter._refuted == 1
 
 
 def test_a_backoff_is_never_shortened() -> None:

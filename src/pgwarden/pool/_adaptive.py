@@ -15,14 +15,14 @@ step by step, and short transactions lost up to 40 % at 2 to 4 connections.
 
 Only while callers queue: each borrow that ends then counts, and windows of
 at least `WINDOW_SECONDS` give throughputs (borrows ended per second). The
-limit holds for `HOLD` windows, then a probe holds the other level for
-`PROBE_SKIP` + `PROBE_WINDOWS` windows. A change of limit takes up to 150 ms
-to show in throughput here (with 64 threads, going from 4 connections to 1
-first looked 1.25x as fast, then 2x), so the first `PROBE_SKIP` windows don't
-count. The floor is kept if it made `DOWN_KEEP` times the throughput of the
-hold before, the ceiling if it made as much (`UP_KEEP`). After each probe
-that changed nothing, the next hold is `SETTLE_GROWTH` times as long (up to
-`SETTLE_MAX`). Probes cost little:
+limit holds for `HOLD` windows (`FIRST_HOLD` at first), then a probe holds
+the other level for `PROBE_SKIP` + `PROBE_WINDOWS` windows. A change of
+limit takes up to 150 ms to show in throughput here (with 64 threads, going
+from 4 connections to 1 first looked 1.25x as fast, then 2x), so the first
+`PROBE_SKIP` windows don't count. The floor is kept if it made `DOWN_KEEP`
+times the throughput of the hold before, the ceiling if it made as much
+(`UP_KEEP`). After each probe that changed nothing, the next hold is
+`SETTLE_GROWTH` times as long (up to `SETTLE_MAX`). Probes cost little:
 
 - none to the floor when it cannot win: each of its connections makes at
   most one borrow per shortest borrow seen (held, from lend to give-back);
@@ -38,8 +38,11 @@ A probe can be misled by drift, so a step down is confirmed by holding
 longer: the floor, then the ceiling again (`CONFIRM_HOLD` windows each,
 `CONFIRM_SKIP` not counted); the floor stays only if it was `CONFIRM` times
 as fast. Without a queue nothing is held back. After `LULL` seconds without
-a queue, measuring starts over: a probe or a confirmation under way is void,
-and a kept limit stays.
+a queue, a probe under way is void, and so is the ceiling held again to
+confirm a step down. A hold at the floor, kept or being confirmed, goes on
+where it was, so that bursts of load shorter than a confirmation get the
+floor too; unless its second window after the lull (the first shows the
+load coming back) falls far behind (`RESUMED`): the load changed meanwhile.
 
 A state machine with an injected clock: the pool's core calls it under its
 lock, on the give-back of a borrow that has callers waiting behind it.
@@ -61,8 +64,9 @@ DOWN_KEEP = 1.25
 UP_KEEP = 1.0
 # No probe to the floor if its connections, each making one borrow per
 # shortest borrow seen, would make less than this share of the current
-# throughput.
-HOPELESS = 0.5
+# throughput. Borrows seen at the ceiling are longer than they would be
+# alone (they wait for the GIL too): 0.5 skipped probes that would have won.
+HOPELESS = 0.25
 # One connection at a time makes every queued caller wait for the longest
 # borrow: the floor is given up (a probe ends, a step down is refuted, a
 # kept floor is left) once a borrow lent there held its connection longer
@@ -71,6 +75,11 @@ LONG_HELD = 0.02
 # A probe whose first window makes less than this share of the throughput
 # held before it ends there.
 ABORT = 0.6
+# A hold at the floor that goes on after a lull is given up if its second
+# window makes less than this share of the throughput the floor was measured
+# against: borrowers that now wait on the server make a small fraction of it
+# there, while GIL-bound ones coming back made half of it.
+RESUMED = 0.3
 # The floor, once held, must make this multiple of the ceiling's throughput,
 # held again. After each refuted step down in a row, the hold that follows
 # doubles, up to HOLD_MAX << BACKOFF windows.
@@ -80,10 +89,12 @@ BACKOFF = 4
 # count (a change of limit takes up to 150 ms to show).
 CONFIRM_HOLD = 32
 CONFIRM_SKIP = 8
-# Windows held between probes: at first and after a kept step (HOLD); at
-# least HOLD_MAX after a confirmation, a lift() or a stall; after probes that
-# changed nothing, SETTLE_GROWTH times as long each time, up to SETTLE_MAX
+# Windows held between probes: at first (FIRST_HOLD: a load that gains at
+# the floor gets there soon) and after a kept step (HOLD); at least HOLD_MAX
+# after a confirmation, a lift() or a stall; after probes that changed
+# nothing, SETTLE_GROWTH times as long each time, from HOLD up to SETTLE_MAX
 # (unless a backoff made it longer already).
+FIRST_HOLD = 4
 HOLD = 8
 HOLD_MAX = 64
 SETTLE_GROWTH = 4
@@ -113,6 +124,7 @@ class AdaptiveLimit:
         "_rate",
         "_recheck",
         "_refuted",
+        "_resumed",
         "_stalls",
         "_started",
         "_steady",
@@ -143,6 +155,7 @@ class AdaptiveLimit:
     # ceiling is held again.
     _recheck: float | None
     _refuted: int  # steps down taken back in a row
+    _resumed: int  # windows to go before the check after a lull: see _new_spell()
     _stalls: int
 
     def __init__(self, floor: int, ceiling: int) -> None:
@@ -207,17 +220,28 @@ class AdaptiveLimit:
         return False
 
     def _new_spell(self, now: float) -> bool:
-        """Measuring starts over: the lull would count as slowness, and the
-        load may have changed. A running probe is void, and so is a step
-        down not confirmed yet (back to the ceiling); a kept limit stays."""
+        """A busy spell after a lull, which no window may count as slowness.
+
+        A running probe is void, and so is the ceiling held again to confirm
+        a step down (its comparison would span the lull): back to the limit
+        from before. A hold at the floor, kept or being confirmed, goes on
+        where it was, so that bursts of load shorter than a confirmation can
+        still be served at the floor. But the load may have changed: if its
+        second window (the first shows the load coming back) falls far
+        behind (`RESUMED`) the throughput the floor was measured against,
+        the floor is given up.
+        """
         old = self.limit
         if self._phase >= 0:
             self.limit = self._base
-        elif self._confirming:
+        elif self._recheck is not None:
             self.limit = self.ceiling
             self._confirming = False
             self._recheck = None
-        self._settle(moved=True)
+        if self._phase >= 0 or self.limit == self.ceiling:
+            self._settle(moved=True)
+        if self.limit < self.ceiling:
+            self._resumed = 2
         self._count = 0
         self._window_max = 0.0
         self._started = now
@@ -253,7 +277,7 @@ class AdaptiveLimit:
         self._rate = 0.0
         self._confirming = False
         self._recheck = None
-        self._hold = HOLD  # a first measure to compare probes against
+        self._hold = FIRST_HOLD  # a first measure to compare probes against
         self._window_max = 0.0
         self._settle(moved=True)
 
@@ -265,6 +289,11 @@ class AdaptiveLimit:
             confirming = self._confirming
             if self.limit < self.ceiling and longest > LONG_HELD:
                 self._refute()  # the floor holds the queue up behind it
+                return
+            if self._resumed:  # the first windows after a lull: not counted
+                self._resumed -= 1
+                if not self._resumed and borrows < RESUMED * self._rate * seconds:
+                    self._refute()  # the load changed over the lull
                 return
             # The first windows still show the last change.
             if self._held > (CONFIRM_SKIP if confirming else 1):
@@ -357,9 +386,10 @@ class AdaptiveLimit:
     def _settle(self, moved: bool) -> None:
         """Hold the limit; after a probe that changed nothing, for longer."""
         if not moved:
-            grown = min(self._hold * SETTLE_GROWTH, SETTLE_MAX)
+            grown = min(max(self._hold, HOLD) * SETTLE_GROWTH, SETTLE_MAX)
             self._hold = max(self._hold, grown)  # not shorter than a backoff
         self._phase = -1
+        self._resumed = 0
         self._held = 0
         self._steady = [0.0, 0.0]
         self._min_held = math.inf
