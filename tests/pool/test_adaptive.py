@@ -41,12 +41,14 @@ def run(
     seconds: float,
     now: float = 0.0,
     noise: random.Random | None = None,
+    held: float | None = None,
 ) -> tuple[float, list[int]]:
-    """Feed `seconds` of ended borrows; return the clock and the limit each
-    borrow ended under."""
+    """Feed `seconds` of ended borrows, each `held` that long (by default,
+    as long as alone); return the clock and the limit each ended under."""
     seen = []
     end = now + seconds
-    held = 1.0 / model(1)
+    if held is None:
+        held = 1.0 / model(1)
     while now < end:
         rate = model(limiter.limit)
         if noise is not None:
@@ -167,40 +169,10 @@ def test_after_a_lull_a_floor_far_behind_is_given_up_soon() -> None:
     now += _adaptive.LULL + 1.0
     assert limiter.ended(now, 0.004) is False  # the hold goes on...
     _, seen = run(limiter, server_bound, 10.0, now)
-    # ...for two windows (the first shows the load coming back): far behind
-    # what the ceiling made before.
-    two = 2 * _adaptive.WINDOW_BORROWS
-    assert seen[:two] == [1] * two and seen.count(1) == two
+    # ...for one window: far behind what the ceiling made before.
+    one = _adaptive.WINDOW_BORROWS
+    assert seen[:one] == [1] * one and seen.count(1) == one
     assert limiter.kept == 16 and limiter._refuted == 1
-
-
-def test_a_lull_pauses_a_confirmation_at_the_floor() -> None:
-    # Bursts of load shorter than a confirmation, with lulls between them.
-    limiter, now = _confirming_at_the_floor()
-    seen: list[int] = []
-    bursts = 0
-    while limiter.limit == 1:
-        held = limiter._held
-        now, burst = run(limiter, gil_bound, 0.3, now + _adaptive.LULL + 1.0)
-        seen += burst
-        bursts += 1
-        assert limiter.limit == 16 or limiter._held > held  # went on where it was
-    # The hold at the floor took several bursts, served at the floor...
-    assert bursts >= 3 and seen.count(1) / len(seen) > 0.9
-    # ...then the ceiling is held again, to compare.
-    assert limiter._recheck is not None and limiter._refuted == 0
-
-
-def test_a_lull_voids_the_ceiling_held_again_to_confirm_a_step_down() -> None:
-    limiter, now = _confirming_at_the_floor()
-    while limiter.limit == 1:  # to the end of the hold at the floor
-        now += 1.0 / gil_bound(limiter.limit)
-        limiter.ended(now, 1.0 / gil_bound(1))
-    assert limiter._recheck is not None and limiter.kept == 16
-    now += _adaptive.LULL + 1.0
-    limiter.ended(now, 1.0 / gil_bound(1))
-    assert limiter.limit == limiter.kept == 16
-    assert not limiter._confirming and limiter._recheck is None
 
 
 def test_after_a_lull_a_kept_floor_far_behind_is_given_up_soon() -> None:
@@ -208,8 +180,8 @@ def test_after_a_lull_a_kept_floor_far_behind_is_given_up_soon() -> None:
     now, _ = run(limiter, gil_bound, 5.0)
     assert limiter.kept == 1
     now, seen = run(limiter, server_bound, 2.0, now + _adaptive.LULL + 1.0)
-    # Two windows, after the borrow that ended the lull.
-    assert seen.count(1) == 2 * _adaptive.WINDOW_BORROWS + 1
+    # One window, after the borrow that ended the lull.
+    assert seen.count(1) == _adaptive.WINDOW_BORROWS + 1
     assert limiter.kept == 16 and limiter._refuted == 1
 
 
@@ -315,18 +287,6 @@ def test_it_never_goes_below_the_floor_or_above_the_ceiling() -> None:
     assert set(seen) == {16} and limiter.probes_total == 0
 
 
-def test_a_lull_voids_a_running_probe() -> None:
-    limiter = AdaptiveLimit(1, 16)
-    now = 0.0
-    while limiter.limit == 16:  # until the first probe starts
-        now += 0.001
-        limiter.ended(now, 0.0001)
-    assert limiter.limit == 1
-    # No queue for a while: the probe's windows would count the lull.
-    assert limiter.ended(now + _adaptive.LULL + 0.1, 0.0001) is True
-    assert limiter.limit == 16
-
-
 def test_a_busy_spell_starts_where_the_last_one_ended() -> None:
     limiter = AdaptiveLimit(1, 16)
     now, _ = run(limiter, gil_bound, 5.0)
@@ -412,3 +372,123 @@ def test_a_change_reports_itself() -> None:
         else:
             assert limiter.limit == before
     assert changes and all(a != b for a, b in changes)
+
+
+# -- bursts: lulls are cut out ----------------------------------------------
+
+
+def bursts(
+    limiter: AdaptiveLimit,
+    model: Model,
+    n: int,
+    seconds: float,
+    now: float,
+    held: float | None = None,
+) -> tuple[float, list[int]]:
+    """`n` bursts of `seconds` of queueing each, a second apart."""
+    seen: list[int] = []
+    for _ in range(n):
+        now, burst = run(limiter, model, seconds, now + 1.0, held=held)
+        seen += burst
+    return now, seen
+
+
+def lopsided(limit: int) -> float:
+    """The floor makes a third of the ceiling's throughput: not far behind
+    enough to tell at once."""
+    return 2000.0 if limit == 1 else 6000.0
+
+
+def test_bursts_shorter_than_a_confirmation_get_the_floor() -> None:
+    limiter = AdaptiveLimit(1, 16)
+    _, seen = bursts(limiter, gil_bound, 30, 0.3, 0.0)
+    # The first hold, the probe, the confirmation at the floor and at the
+    # ceiling each span several bursts: nothing starts over at a lull.
+    assert limiter.kept == 1 and limiter._refuted == 0
+    assert limiter.probes_total <= 2  # the floor's, and later the ceiling's
+    assert seen.count(1) / len(seen) > 0.7
+
+
+def test_a_probe_goes_on_after_a_lull() -> None:
+    limiter = AdaptiveLimit(1, 16)
+    now = 0.0
+    while limiter._phase < 1:  # a window into the probe of the floor
+        now += 1.0 / gil_bound(limiter.limit)
+        limiter.ended(now, 1.0 / gil_bound(1))
+    now, _ = run(limiter, gil_bound, 0.2, now + _adaptive.LULL + 1.0)
+    assert limiter.limit == 1 and limiter._phase >= 2  # not started over
+    run(limiter, gil_bound, 1.0, now)
+    assert limiter.probes_total == 1 and limiter._confirming
+
+
+def test_after_a_lull_a_probe_of_the_floor_far_behind_ends() -> None:
+    limiter = AdaptiveLimit(1, 16)
+    now = 0.0
+    while limiter._phase < 1:
+        now += 1.0 / gil_bound(limiter.limit)
+        limiter.ended(now, 1.0 / gil_bound(1))
+    now, seen = run(limiter, server_bound, 2.0, now + _adaptive.LULL + 1.0)
+    # The window that shows the load coming back is checked.
+    assert seen.count(1) == _adaptive.WINDOW_BORROWS + 1
+    assert limiter.limit == 16 and limiter._refuted == 0
+
+
+def test_bursts_too_short_for_the_check_still_get_it() -> None:
+    # A floor kept, then bursts of 12 borrows that wait 4 ms on the server:
+    # under a window each. What a burst made is judged once it ends.
+    limiter = AdaptiveLimit(1, 16)
+    now, _ = run(limiter, gil_bound, 5.0)
+    assert limiter.kept == 1
+    seen: list[int] = []
+    for _ in range(50):
+        now += 1.0
+        for _ in range(12):
+            now += 1.0 / server_bound(limiter.limit)
+            seen.append(limiter.limit)
+            limiter.ended(now, 0.004)
+    # The first burst, and the borrow of the next one that judged it.
+    assert seen.count(1) == 13 and limiter.kept == 16 and limiter._refuted == 1
+
+
+def test_bursts_of_one_window_measure_nothing_and_change_nothing() -> None:
+    # The window after a lull doesn't count, and the next never ends.
+    limiter = AdaptiveLimit(1, 16)
+    _, seen = bursts(limiter, gil_bound, 50, 0.07, 0.0)
+    assert set(seen) == {16} and limiter.probes_total == 0
+
+
+def test_bursts_of_two_windows_still_end_a_confirmation() -> None:
+    # Each burst: the window that doesn't count, and one that does.
+    limiter, now = _confirming_at_the_floor()
+    _, seen = bursts(limiter, lopsided, 100, 0.1, now, held=0.0005)
+    assert limiter.kept == 16 and limiter._refuted == 1
+    assert seen.count(1) / len(seen) < 0.5
+
+
+def test_a_kept_floor_is_probed_again_under_short_bursts() -> None:
+    limiter = AdaptiveLimit(1, 16)
+    now, _ = run(limiter, gil_bound, 5.0)
+    assert limiter.kept == 1
+    _, seen = bursts(limiter, lopsided, 300, 0.3, now, held=0.0005)
+    assert limiter.kept == 16
+    assert seen.count(1) / len(seen) < 0.1
+
+
+def test_a_probe_is_not_started_over_in_every_burst() -> None:
+    def slightly_slower(limit: int) -> float:  # not far enough to abort
+        return 3250.0 if limit == 1 else 5000.0
+
+    limiter = AdaptiveLimit(1, 16)
+    _, seen = bursts(limiter, slightly_slower, 400, 0.3, 0.0, held=0.0001)
+    assert limiter.probes_total <= 6
+    assert seen.count(1) / len(seen) < 0.05
+
+
+def test_after_a_lull_the_floor_is_checked_against_the_ceiling() -> None:
+    # However long the floor has been kept, the check compares it with what
+    # the ceiling made, not with what the floor made since.
+    for seconds in (5.0, 9.0):
+        limiter = AdaptiveLimit(1, 16)
+        run(limiter, gil_bound, seconds)
+        assert limiter.kept == 1
+        assert limiter._ceiling_rate < gil_bound(1) * 0.5

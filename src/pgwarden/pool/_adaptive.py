@@ -37,12 +37,12 @@ borrow, so a borrow lent at the floor that holds its connection over
 A probe can be misled by drift, so a step down is confirmed by holding
 longer: the floor, then the ceiling again (`CONFIRM_HOLD` windows each,
 `CONFIRM_SKIP` not counted); the floor stays only if it was `CONFIRM` times
-as fast. Without a queue nothing is held back. After `LULL` seconds without
-a queue, a probe under way is void, and so is the ceiling held again to
-confirm a step down. A hold at the floor, kept or being confirmed, goes on
-where it was, so that bursts of load shorter than a confirmation get the
-floor too; unless its second window after the lull (the first shows the
-load coming back) falls far behind (`RESUMED`): the load changed meanwhile.
+as fast. Without a queue nothing is held back. `LULL` seconds without a
+queue are cut out: holds, probes and confirmations go on where they were,
+so that bursts of load shorter than those get them too. The first window
+after a lull moves them on, but its borrows don't count (they show the load
+coming back); below the ceiling, it must make `RESUMED` times the ceiling's
+last throughput, or the floor is given up: the load changed meanwhile.
 
 A state machine with an injected clock: the pool's core calls it under its
 lock, on the give-back of a borrow that has callers waiting behind it.
@@ -75,10 +75,10 @@ LONG_HELD = 0.02
 # A probe whose first window makes less than this share of the throughput
 # held before it ends there.
 ABORT = 0.6
-# A hold at the floor that goes on after a lull is given up if its second
-# window makes less than this share of the throughput the floor was measured
-# against: borrowers that now wait on the server make a small fraction of it
-# there, while GIL-bound ones coming back made half of it.
+# Below the ceiling after a lull, the floor is given up if the first window
+# makes less than this share of the ceiling's last throughput:
+# borrowers that now wait on the server make a small fraction of it there,
+# while GIL-bound ones coming back made half of it at worst.
 RESUMED = 0.3
 # The floor, once held, must make this multiple of the ceiling's throughput,
 # held again. After each refuted step down in a row, the hold that follows
@@ -113,7 +113,9 @@ class AdaptiveLimit:
 
     __slots__ = (
         "_base",
+        "_ceiling_rate",
         "_changed_at",
+        "_check",
         "_confirming",
         "_count",
         "_held",
@@ -124,7 +126,7 @@ class AdaptiveLimit:
         "_rate",
         "_recheck",
         "_refuted",
-        "_resumed",
+        "_skip",
         "_stalls",
         "_started",
         "_steady",
@@ -150,12 +152,14 @@ class AdaptiveLimit:
     _min_held: float  # the shortest borrow seen in this hold (seconds)
     _window_max: float  # the longest in the current window
     _rate: float  # the throughput of the last hold
+    _ceiling_rate: float  # the last one measured at the ceiling
     _confirming: bool  # holding to confirm a step down (see _confirm)
     # None while held at the floor, then the floor's throughput while the
     # ceiling is held again.
     _recheck: float | None
     _refuted: int  # steps down taken back in a row
-    _resumed: int  # windows to go before the check after a lull: see _new_spell()
+    _skip: bool  # the window under way is the first after a lull
+    _check: bool  # at the floor after a lull: see _new_spell()
     _stalls: int
 
     def __init__(self, floor: int, ceiling: int) -> None:
@@ -192,8 +196,8 @@ class AdaptiveLimit:
         callers queue; True if `limit` changed. `counted`: whether the limit
         counted it (a lane's reservation it never holds back, nor waits on)."""
         if now - self._last > LULL:  # a new busy spell
-            self._last = now
-            return self._new_spell(now)
+            last, self._last = self._last, now
+            return self._new_spell(now, last)
         self._last = now
         if now - held < self._changed_at:  # lent before the last change
             self._count = 0
@@ -219,35 +223,44 @@ class AdaptiveLimit:
             return True
         return False
 
-    def _new_spell(self, now: float) -> bool:
-        """A busy spell after a lull, which no window may count as slowness.
+    def _new_spell(self, now: float, last: float) -> bool:
+        """A busy spell after a lull, which ended at `last`: the lull is cut
+        out, and measuring goes on where it was (a hold, a probe, a
+        confirmation), so that bursts of load shorter than those get them too.
 
-        A running probe is void, and so is the ceiling held again to confirm
-        a step down (its comparison would span the lull): back to the limit
-        from before. A hold at the floor, kept or being confirmed, goes on
-        where it was, so that bursts of load shorter than a confirmation can
-        still be served at the floor. But the load may have changed: if its
-        second window (the first shows the load coming back) falls far
-        behind (`RESUMED`) the throughput the floor was measured against,
-        the floor is given up.
+        The window under way when the lull came is dropped. The first one
+        after it moves measuring on, but its borrows don't count: they show
+        the load coming back. The load may have changed meanwhile: below the
+        ceiling, that window must make `RESUMED` times the ceiling's last
+        throughput, or the floor is given up (if the spell ends before that
+        window does, what it made is judged once it ends).
         """
         old = self.limit
-        if self._phase >= 0:
-            self.limit = self._base
-        elif self._recheck is not None:
-            self.limit = self.ceiling
-            self._confirming = False
-            self._recheck = None
-        if self._phase >= 0 or self.limit == self.ceiling:
-            self._settle(moved=True)
-        if self.limit < self.ceiling:
-            self._resumed = 2
+        if self._check and self._count >= WINDOW_BORROWS // 2 and last > self._started:
+            self._checked(self._count, last - self._started)
+        self._check = self.limit < self.ceiling
+        self._skip = True
         self._count = 0
         self._window_max = 0.0
         self._started = now
         # Lent with no queue, so without the limit: not a window's.
         self._changed_at = now
         return self.limit != old
+
+    def _checked(self, borrows: int, seconds: float) -> bool:
+        """The check after a lull (see `_new_spell`); True if it failed, and
+        the floor was given up."""
+        self._check = False
+        if self.limit == self.ceiling:
+            return False
+        if borrows >= RESUMED * self._ceiling_rate * seconds:
+            return False
+        if self._phase >= 0:  # a probe of the floor: it ends
+            self.limit = self._base
+            self._settle(moved=False)
+        else:
+            self._refute()
+        return True
 
     def lift(self, now: float) -> None:
         """A caller the limit must not hold back found no idle connection:
@@ -274,7 +287,8 @@ class AdaptiveLimit:
         self._started = now
         self._base = self._trial = self.limit
         self._sums = [0.0, 0.0]
-        self._rate = 0.0
+        self._rate = self._ceiling_rate = 0.0
+        self._skip = self._check = False
         self._confirming = False
         self._recheck = None
         self._hold = FIRST_HOLD  # a first measure to compare probes against
@@ -282,6 +296,11 @@ class AdaptiveLimit:
         self._settle(moved=True)
 
     def _window_done(self, borrows: int, seconds: float, longest: float) -> None:
+        if self._check and self._checked(borrows, seconds):
+            return
+        if self._skip:  # the first window after a lull: see _new_spell()
+            self._skip = False
+            borrows, seconds, longest = 0, 0.0, 0.0
         phase = self._phase
         if phase < 0:  # holding
             self._held += 1
@@ -289,11 +308,6 @@ class AdaptiveLimit:
             confirming = self._confirming
             if self.limit < self.ceiling and longest > LONG_HELD:
                 self._refute()  # the floor holds the queue up behind it
-                return
-            if self._resumed:  # the first windows after a lull: not counted
-                self._resumed -= 1
-                if not self._resumed and borrows < RESUMED * self._rate * seconds:
-                    self._refute()  # the load changed over the lull
                 return
             # The first windows still show the last change.
             if self._held > (CONFIRM_SKIP if confirming else 1):
@@ -303,8 +317,12 @@ class AdaptiveLimit:
                 rate = steady[0] / steady[1] if steady[1] else 0.0
                 if confirming:
                     self._confirm(rate)
+                elif not rate:  # nothing measured (bursts of one window)
+                    self._settle(moved=True)
                 else:
                     self._rate = rate
+                    if self.limit == self.ceiling:
+                        self._ceiling_rate = rate
                     self._probe_other()
             return
         self._phase = phase + 1
@@ -324,7 +342,10 @@ class AdaptiveLimit:
         sums[1] += seconds
         if phase + 1 < PROBE_SKIP + PROBE_WINDOWS:
             return
-        gain = sums[0] / sums[1] / self._rate
+        rate = sums[0] / sums[1] if sums[1] else 0.0
+        if self._trial == self.ceiling and rate:
+            self._ceiling_rate = rate
+        gain = rate / self._rate
         if gain >= (DOWN_KEEP if self._trial < self._base else UP_KEEP):
             self.limit = self._trial
             self._confirming = self.limit < self.ceiling
@@ -348,9 +369,11 @@ class AdaptiveLimit:
             self._recheck = rate
             self.limit = self.ceiling
         else:
+            if rate:
+                self._ceiling_rate = rate
             self._confirming = False
             self._recheck = None
-            if recheck < rate * CONFIRM:
+            if recheck < rate * CONFIRM or not recheck:  # not faster, or unmeasured
                 self._refute()
                 return
             self.limit = self.floor
@@ -389,7 +412,7 @@ class AdaptiveLimit:
             grown = min(max(self._hold, HOLD) * SETTLE_GROWTH, SETTLE_MAX)
             self._hold = max(self._hold, grown)  # not shorter than a backoff
         self._phase = -1
-        self._resumed = 0
+        self._check = False
         self._held = 0
         self._steady = [0.0, 0.0]
         self._min_held = math.inf
