@@ -21,6 +21,7 @@ from impls import (
     Direct,
     DirectAsync,
     Pgwarden,
+    PgwardenAdaptive,
     PgwardenAsync,
     PgwardenNoLeak,
     PgwardenNoLeakAsync,
@@ -50,7 +51,7 @@ class Check:
 
     target: int
     title: str
-    kind: str  # "sync", "async"
+    kind: str  # "sync", "async", "sync+adaptive"
     measured: str
     threshold: str
     passed: bool | None  # None: not measured in this run
@@ -75,6 +76,15 @@ _KINDS = (
         PgwardenAsync.name,
         PgwardenNoLeakAsync.name,
     ),
+)
+# Target 3 again, with the opt-in adaptive_concurrency (reported beside the
+# defaults' verdict, which it does not replace).
+_ADAPTIVE = _Names(
+    "sync+adaptive",
+    Direct.name,
+    PsycopgPool.name,
+    PgwardenAdaptive.name,
+    PgwardenNoLeak.name,
 )
 
 
@@ -396,8 +406,9 @@ def evaluate(
             _t6(d, n),
         ]
     checks = [*by_kind["sync"], *by_kind["async"], _t5(d, by_kind["async"])]
+    checks += (c for cell in CONTENDED for c in _t3(d, _ADAPTIVE, cell))
     checks += _t7(memory)
-    order = {"sync": 0, "async": 1}
+    order = {"sync": 0, "sync+adaptive": 1, "async": 2}
     return sorted(checks, key=lambda c: (c.target, order[c.kind]))
 
 
@@ -454,7 +465,10 @@ def _rich(checks: Sequence[Check], title: str) -> None:
 
 def render_checks(checks: Sequence[Check], out: TextIO, *, fancy: bool) -> None:
     """Print the targets summary, with rich if `fancy` (and installed)."""
-    title = "targets: pgwarden with its defaults (test_on_borrow, leak detection on)"
+    title = (
+        "targets: pgwarden with its defaults (test_on_borrow, leak detection on);"
+        " sync+adaptive: the same with adaptive_concurrency=True"
+    )
     if fancy:
         try:
             _rich(checks, title)
