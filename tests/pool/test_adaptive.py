@@ -492,3 +492,62 @@ def test_after_a_lull_the_floor_is_checked_against_the_ceiling() -> None:
         run(limiter, gil_bound, seconds)
         assert limiter.kept == 1
         assert limiter._ceiling_rate < gil_bound(1) * 0.5
+
+
+def _kept_floor() -> tuple[AdaptiveLimit, float]:
+    limiter = AdaptiveLimit(1, 16)
+    now, _ = run(limiter, gil_bound, 5.0)
+    assert limiter.kept == 1
+    return limiter, now
+
+
+def test_a_long_borrow_right_after_a_lull_gives_up_the_floor() -> None:
+    for at in (0.04, 0.29):  # in the first window, in the one the lull cuts
+        limiter, now = _kept_floor()
+        start = now = now + 1.0
+        while now < start + 0.3:
+            now += 1.0 / gil_bound(limiter.limit)
+            long = start + at <= now < start + at + 0.001
+            limiter.ended(now, 0.03 if long else 1.0 / gil_bound(1))
+        run(limiter, gil_bound, 0.1, now + 1.0)
+        assert limiter.kept == 16 and limiter._refuted == 1, at
+
+
+def test_spells_too_short_to_check_are_added_up() -> None:
+    limiter, now = _kept_floor()
+    seen: list[int] = []
+    for _ in range(20):  # bursts of 7 borrows that wait 4 ms on the server
+        now += 1.0
+        for _ in range(7):
+            now += 1.0 / server_bound(limiter.limit)
+            seen.append(limiter.limit)
+            limiter.ended(now, 0.004)
+    assert limiter.kept == 16 and seen.count(1) <= 2 * 7 + 1
+
+
+def test_a_kept_floor_finds_out_soon_that_the_load_changed() -> None:
+    # No lull: after a long time at the floor, borrowers wait on the server.
+    limiter = AdaptiveLimit(1, 16)
+    now, _ = run(limiter, gil_bound, 44.0)
+    assert limiter.kept == 1
+    at_floor = 0.0
+    while limiter.kept == 1 or limiter.limit == 1:
+        step = 1.0 / server_bound(limiter.limit)
+        now += step
+        at_floor += step if limiter.limit == 1 else 0.0
+        limiter.ended(now, 0.004)
+    # Two holds of HOLD_MAX windows at most (the first one's throughput still
+    # mixes in the old load's), at 250 borrows/s: 16 borrows a window.
+    hold = _adaptive.HOLD_MAX * _adaptive.WINDOW_BORROWS / 250
+    assert at_floor < 2 * hold + 1.0
+
+
+def test_a_probe_that_measured_nothing_decides_nothing() -> None:
+    limiter, now = _kept_floor()
+    while limiter._phase < 0:  # the probe of the ceiling starts
+        now += 1.0 / gil_bound(limiter.limit)
+        limiter.ended(now, 1.0 / gil_bound(1))
+    hold = limiter._hold
+    # Bursts of one window: each the first after a lull, which doesn't count.
+    now, _ = bursts(limiter, lopsided, 12, 0.07, now, held=0.0005)
+    assert limiter.limit == 1 and limiter._hold == hold

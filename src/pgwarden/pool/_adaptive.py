@@ -21,14 +21,18 @@ limit takes up to 150 ms to show in throughput here (with 64 threads, going
 from 4 connections to 1 first looked 1.25x as fast, then 2x), so the first
 `PROBE_SKIP` windows don't count. The floor is kept if it made `DOWN_KEEP`
 times the throughput of the hold before, the ceiling if it made as much
-(`UP_KEEP`). After each probe that changed nothing, the next hold is
-`SETTLE_GROWTH` times as long (up to `SETTLE_MAX`). Probes cost little:
+(`UP_KEEP`). After each probe that changed nothing, the next hold at the
+ceiling is `SETTLE_GROWTH` times as long (up to `SETTLE_MAX`); at the floor
+it stays `HOLD_MAX`, so that a load that changed finds out. Probes cost
+little:
 
 - none to the floor when it cannot win: each of its connections makes at
   most one borrow per shortest borrow seen (held, from lend to give-back);
   if that bound is under `HOPELESS` of the current throughput (borrowers
   waiting 2 ms on the server, say), the probe is skipped;
-- one that starts far behind (`ABORT`) ends after its first window.
+- one that starts far behind (`ABORT`) ends after its first window (if
+  that is the first after a lull, the floor is checked by `RESUMED`
+  instead, see below).
 
 One connection at a time makes every queued caller wait for the longest
 borrow, so a borrow lent at the floor that holds its connection over
@@ -92,8 +96,9 @@ CONFIRM_SKIP = 8
 # Windows held between probes: at first (FIRST_HOLD: a load that gains at
 # the floor gets there soon) and after a kept step (HOLD); at least HOLD_MAX
 # after a confirmation, a lift() or a stall; after probes that changed
-# nothing, SETTLE_GROWTH times as long each time, from HOLD up to SETTLE_MAX
-# (unless a backoff made it longer already).
+# nothing, at the ceiling SETTLE_GROWTH times as long each time, from HOLD up
+# to SETTLE_MAX (unless a backoff made it longer already), at the floor
+# HOLD_MAX.
 FIRST_HOLD = 4
 HOLD = 8
 HOLD_MAX = 64
@@ -122,6 +127,7 @@ class AdaptiveLimit:
         "_hold",
         "_last",
         "_min_held",
+        "_pending",
         "_phase",
         "_rate",
         "_recheck",
@@ -160,6 +166,7 @@ class AdaptiveLimit:
     _refuted: int  # steps down taken back in a row
     _skip: bool  # the window under way is the first after a lull
     _check: bool  # at the floor after a lull: see _new_spell()
+    _pending: list[float]  # borrows and seconds of spells too short to check
     _stalls: int
 
     def __init__(self, floor: int, ceiling: int) -> None:
@@ -232,12 +239,21 @@ class AdaptiveLimit:
         after it moves measuring on, but its borrows don't count: they show
         the load coming back. The load may have changed meanwhile: below the
         ceiling, that window must make `RESUMED` times the ceiling's last
-        throughput, or the floor is given up (if the spell ends before that
-        window does, what it made is judged once it ends).
+        throughput, or the floor is given up. Spells that end before that
+        window does are added up, and judged once they make half a window's
+        borrows. A borrow lent at the floor that held its connection over
+        `LONG_HELD` gives it up in any window, the one the lull cut included.
         """
         old = self.limit
-        if self._check and self._count >= WINDOW_BORROWS // 2 and last > self._started:
-            self._checked(self._count, last - self._started)
+        if self.limit < self.ceiling and self._window_max > LONG_HELD:
+            self._give_up_floor()  # lent at the floor, in the window the lull cut
+        elif self._check and last > self._started:
+            borrows = self._pending[0] + self._count
+            seconds = self._pending[1] + last - self._started
+            if borrows >= WINDOW_BORROWS // 2:
+                self._checked(borrows, seconds)
+            else:
+                self._pending = [borrows, seconds]
         self._check = self.limit < self.ceiling
         self._skip = True
         self._count = 0
@@ -247,20 +263,27 @@ class AdaptiveLimit:
         self._changed_at = now
         return self.limit != old
 
-    def _checked(self, borrows: int, seconds: float) -> bool:
+    def _checked(self, borrows: float, seconds: float) -> bool:
         """The check after a lull (see `_new_spell`); True if it failed, and
         the floor was given up."""
         self._check = False
+        self._pending = [0, 0.0]
         if self.limit == self.ceiling:
             return False
         if borrows >= RESUMED * self._ceiling_rate * seconds:
             return False
+        self._give_up_floor()
+        return True
+
+    def _give_up_floor(self) -> None:
+        """Back to the ceiling: a probe of the floor ends, a hold there is
+        refuted."""
+        self._skip = False
         if self._phase >= 0:  # a probe of the floor: it ends
             self.limit = self._base
             self._settle(moved=False)
         else:
             self._refute()
-        return True
 
     def lift(self, now: float) -> None:
         """A caller the limit must not hold back found no idle connection:
@@ -300,7 +323,7 @@ class AdaptiveLimit:
             return
         if self._skip:  # the first window after a lull: see _new_spell()
             self._skip = False
-            borrows, seconds, longest = 0, 0.0, 0.0
+            borrows, seconds = 0, 0.0  # its longest borrow still counts
         phase = self._phase
         if phase < 0:  # holding
             self._held += 1
@@ -342,7 +365,11 @@ class AdaptiveLimit:
         sums[1] += seconds
         if phase + 1 < PROBE_SKIP + PROBE_WINDOWS:
             return
-        rate = sums[0] / sums[1] if sums[1] else 0.0
+        if not sums[1]:  # every counted window was a first after a lull
+            self.limit = self._base
+            self._settle(moved=True)
+            return
+        rate = sums[0] / sums[1]
         if self._trial == self.ceiling and rate:
             self._ceiling_rate = rate
         gain = rate / self._rate
@@ -408,11 +435,14 @@ class AdaptiveLimit:
 
     def _settle(self, moved: bool) -> None:
         """Hold the limit; after a probe that changed nothing, for longer."""
-        if not moved:
+        if not moved and self.limit < self.ceiling:
+            self._hold = HOLD_MAX  # (after a probe of the ceiling that lost)
+        elif not moved:
             grown = min(max(self._hold, HOLD) * SETTLE_GROWTH, SETTLE_MAX)
             self._hold = max(self._hold, grown)  # not shorter than a backoff
         self._phase = -1
         self._check = False
+        self._pending = [0, 0.0]
         self._held = 0
         self._steady = [0.0, 0.0]
         self._min_held = math.inf
