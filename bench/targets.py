@@ -84,7 +84,7 @@ _ADAPTIVE = _Names(
     Direct.name,
     PsycopgPool.name,
     PgwardenAdaptive.name,
-    PgwardenNoLeak.name,
+    "",  # target 6 is not checked for it
 )
 
 

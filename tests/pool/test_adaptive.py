@@ -64,6 +64,23 @@ def settled_at(seen: list[int]) -> int:
     return Counter(seen[len(seen) // 2 :]).most_common(1)[0][0]
 
 
+def _kept_floor() -> tuple[AdaptiveLimit, float]:
+    limiter = AdaptiveLimit(1, 16)
+    now, _ = run(limiter, gil_bound, 5.0)
+    assert limiter.kept == 1
+    return limiter, now
+
+
+def _probing_the_floor() -> tuple[AdaptiveLimit, float]:
+    """A window into the first probe of the floor."""
+    limiter = AdaptiveLimit(1, 16)
+    now = 0.0
+    while limiter._phase < 1:
+        now += 1.0 / gil_bound(limiter.limit)
+        limiter.ended(now, 1.0 / gil_bound(1))
+    return limiter, now
+
+
 def test_it_lends_fewer_connections_when_that_is_faster() -> None:
     limiter = AdaptiveLimit(1, 16)
     # A hold at 16, a probe of 1 (PROBE_SKIP + PROBE_WINDOWS windows), a
@@ -176,9 +193,7 @@ def test_after_a_lull_a_floor_far_behind_is_given_up_soon() -> None:
 
 
 def test_after_a_lull_a_kept_floor_far_behind_is_given_up_soon() -> None:
-    limiter = AdaptiveLimit(1, 16)
-    now, _ = run(limiter, gil_bound, 5.0)
-    assert limiter.kept == 1
+    limiter, now = _kept_floor()
     now, seen = run(limiter, server_bound, 2.0, now + _adaptive.LULL + 1.0)
     # One window, after the borrow that ended the lull.
     assert seen.count(1) == _adaptive.WINDOW_BORROWS + 1
@@ -410,11 +425,7 @@ def test_bursts_shorter_than_a_confirmation_get_the_floor() -> None:
 
 
 def test_a_probe_goes_on_after_a_lull() -> None:
-    limiter = AdaptiveLimit(1, 16)
-    now = 0.0
-    while limiter._phase < 1:  # a window into the probe of the floor
-        now += 1.0 / gil_bound(limiter.limit)
-        limiter.ended(now, 1.0 / gil_bound(1))
+    limiter, now = _probing_the_floor()
     now, _ = run(limiter, gil_bound, 0.2, now + _adaptive.LULL + 1.0)
     assert limiter.limit == 1 and limiter._phase >= 2  # not started over
     run(limiter, gil_bound, 1.0, now)
@@ -422,11 +433,7 @@ def test_a_probe_goes_on_after_a_lull() -> None:
 
 
 def test_after_a_lull_a_probe_of_the_floor_far_behind_ends() -> None:
-    limiter = AdaptiveLimit(1, 16)
-    now = 0.0
-    while limiter._phase < 1:
-        now += 1.0 / gil_bound(limiter.limit)
-        limiter.ended(now, 1.0 / gil_bound(1))
+    limiter, now = _probing_the_floor()
     now, seen = run(limiter, server_bound, 2.0, now + _adaptive.LULL + 1.0)
     # The window that shows the load coming back is checked.
     assert seen.count(1) == _adaptive.WINDOW_BORROWS + 1
@@ -436,9 +443,7 @@ def test_after_a_lull_a_probe_of_the_floor_far_behind_ends() -> None:
 def test_bursts_too_short_for_the_check_still_get_it() -> None:
     # A floor kept, then bursts of 12 borrows that wait 4 ms on the server:
     # under a window each. What a burst made is judged once it ends.
-    limiter = AdaptiveLimit(1, 16)
-    now, _ = run(limiter, gil_bound, 5.0)
-    assert limiter.kept == 1
+    limiter, now = _kept_floor()
     seen: list[int] = []
     for _ in range(50):
         now += 1.0
@@ -466,9 +471,7 @@ def test_bursts_of_two_windows_still_end_a_confirmation() -> None:
 
 
 def test_a_kept_floor_is_probed_again_under_short_bursts() -> None:
-    limiter = AdaptiveLimit(1, 16)
-    now, _ = run(limiter, gil_bound, 5.0)
-    assert limiter.kept == 1
+    limiter, now = _kept_floor()
     _, seen = bursts(limiter, lopsided, 300, 0.3, now, held=0.0005)
     assert limiter.kept == 16
     assert seen.count(1) / len(seen) < 0.1
@@ -484,7 +487,7 @@ def test_a_probe_is_not_started_over_in_every_burst() -> None:
     assert seen.count(1) / len(seen) < 0.05
 
 
-def test_after_a_lull_the_floor_is_checked_against_the_ceiling() -> None:
+def test_the_check_after_a_lull_keeps_the_ceilings_throughput() -> None:
     # However long the floor has been kept, the check compares it with what
     # the ceiling made, not with what the floor made since.
     for seconds in (5.0, 9.0):
@@ -492,13 +495,6 @@ def test_after_a_lull_the_floor_is_checked_against_the_ceiling() -> None:
         run(limiter, gil_bound, seconds)
         assert limiter.kept == 1
         assert limiter._ceiling_rate < gil_bound(1) * 0.5
-
-
-def _kept_floor() -> tuple[AdaptiveLimit, float]:
-    limiter = AdaptiveLimit(1, 16)
-    now, _ = run(limiter, gil_bound, 5.0)
-    assert limiter.kept == 1
-    return limiter, now
 
 
 def test_a_long_borrow_right_after_a_lull_gives_up_the_floor() -> None:
@@ -551,3 +547,44 @@ def test_a_probe_that_measured_nothing_decides_nothing() -> None:
     # Bursts of one window: each the first after a lull, which doesn't count.
     now, _ = bursts(limiter, lopsided, 12, 0.07, now, held=0.0005)
     assert limiter.limit == 1 and limiter._hold == hold
+
+
+def test_a_load_coming_back_slowly_after_a_lull_keeps_the_floor() -> None:
+    # Its first window after the lull makes half the ceiling's throughput
+    # (threads waking up, say), then it runs as before.
+    limiter, now = _kept_floor()
+    now += 1.0
+    start = now
+    while now < start + 0.5:
+        slow = now < start + _adaptive.WINDOW_SECONDS * 1.5
+        now += 1.0 / (gil_bound(16) * 0.5 if slow else gil_bound(limiter.limit))
+        limiter.ended(now, 1.0 / gil_bound(1))
+    assert limiter.kept == 1 and limiter._refuted == 0
+
+
+def test_a_confirmation_whose_ceiling_measured_nothing_keeps_no_floor() -> None:
+    limiter, now = _confirming_at_the_floor()
+    while limiter._recheck is None:  # the hold at the floor, measured
+        now += 1.0 / gil_bound(limiter.limit)
+        limiter.ended(now, 1.0 / gil_bound(1))
+    # The ceiling's hold in bursts of one window, none of which counts.
+    while limiter._confirming:
+        now, _ = run(limiter, gil_bound, 0.07, now + 1.0)
+    assert limiter.kept == 16 and limiter._refuted == 1
+
+
+def test_a_probe_of_the_floor_that_measured_nothing_decides_nothing() -> None:
+    limiter, now = _probing_the_floor()
+    hold = limiter._hold
+    # Bursts of one window: each the first after a lull, which doesn't count.
+    now, _ = bursts(limiter, gil_bound, 12, 0.07, now)
+    assert limiter.limit == 16 and limiter._hold == hold
+
+
+def test_after_a_lull_a_floor_at_a_fifth_of_the_ceiling_is_given_up() -> None:
+    limiter, now = _kept_floor()
+    fifth = 0.2 * limiter._ceiling_rate
+    now, seen = run(limiter, lambda limit: fifth, 1.0, now + 1.0, held=0.0001)
+    # One window (of WINDOW_SECONDS, at this rate), after the lull's borrow.
+    assert limiter.kept == 16
+    assert seen.count(1) <= fifth * _adaptive.WINDOW_SECONDS + 2

@@ -534,7 +534,7 @@ def test_a_slow_borrow_stops_counting_against_the_limit() -> None:
 def test_maintenance_watches_the_limit_only_while_it_holds_callers_back() -> None:
     core = _adaptive_core(2, test_while_idle=False)
     assert core.adaptive is not None
-    assert not core.watching  # every connection lent
+    assert not core.watching  # the limit lends every connection
     core.cap = core.adaptive.limit = 1
     assert not core.watching  # no queue: nobody held back
     core, held, waiter = _one_lent_one_held_back()
@@ -544,6 +544,20 @@ def test_maintenance_watches_the_limit_only_while_it_holds_callers_back() -> Non
     plain = PoolCore(min_size=0, max_size=2)  # adaptive concurrency off
     plain.enqueue(FakeWaiter(plain.default_lane), 0.0, 100.0)  # type: ignore[arg-type]
     assert not plain.watching
+
+
+def test_a_give_back_that_lowers_the_limit_asks_for_the_watch() -> None:
+    core = _adaptive_core(2, test_while_idle=False)
+    core.adaptive = scripted = ScriptedLimit(1, 4)  # type: ignore[assignment]
+    held = [core.try_acquire(core.default_lane, 0.0) for _ in range(2)]
+    core.enqueue(FakeWaiter(core.default_lane), 0.0, deadline=100.0)  # type: ignore[arg-type]
+    core.enqueue(FakeWaiter(core.default_lane), 0.0, deadline=100.0)  # type: ignore[arg-type]
+    assert not core.watching and not core.watch_wanted
+    scripted.next = 1
+    entry = held[0]
+    assert entry is not None
+    assert core.release(entry, 0.01, reusable=True) is None  # held back now
+    assert core.watching and core.watch_wanted
 
 
 def test_a_slow_borrow_within_a_reservation_lifts_nothing() -> None:

@@ -32,7 +32,7 @@ from pgwarden import (
     QueryTimeout,
     UnknownLane,
 )
-from pgwarden.pool import _core, _messages
+from pgwarden.pool import _adaptive, _core, _messages
 from pgwarden.pool._acompat import AEvent
 from tests._util import await_until
 from tests.pool._helpers import backend_pids, free_port, unique_app
@@ -672,6 +672,27 @@ async def test_a_lone_caller_with_no_idle_connection_gets_a_new_one(
         assert pool.stats().size == 2
 
 
+def count_maintenance(pool: AsyncPool) -> list[float]:
+    """Record when each maintenance step starts, and make its usual pace 5 s
+    from the next step on, to tell it from WATCH_INTERVAL."""
+    steps: list[float] = []
+    maintain = pool._maintain
+
+    async def counted() -> float:
+        steps.append(time.monotonic())
+        return await maintain()
+
+    pool._maintain = counted  # type: ignore[method-assign]
+    pool._tick = 5.0
+    return steps
+
+
+async def after_a_step(steps: list[float]) -> None:
+    """Wait for a maintenance step: the next is then 5 s away, unless woken."""
+    n = len(steps)
+    await await_until(lambda: len(steps) > n, timeout=3)
+
+
 async def test_maintenance_runs_often_only_while_the_limit_holds_callers_back(
     dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -680,44 +701,71 @@ async def test_maintenance_runs_often_only_while_the_limit_holds_callers_back(
         dsn, min_size=2, max_size=2, adaptive_concurrency=True
     ) as pool:
         await pool.wait(5)
-        steps: list[float] = []
-        maintain = pool._maintain
-
-        async def counted() -> float:
-            steps.append(time.monotonic())
-            return await maintain()
-
-        pool._maintain = counted  # type: ignore[method-assign]
+        steps = count_maintenance(pool)
+        await after_a_step(steps)
 
         async def steps_while_one_queues(window: float) -> int:
             """Lend both, queue a caller for `window` seconds, give back."""
             held = [await pool.getconn() for _ in range(2)]  # no queue: lent
 
-            async def give_back() -> None:
+            async def give_back() -> int:
                 await await_until(lambda: pool.stats().waiting == 1)
                 n = len(steps)
                 await asleep(window)
-                count[0] = len(steps) - n
                 for conn in held:
                     await pool.putconn(conn)
+                return len(steps) - n
 
-            count = [0]
-            await run_all([lambda: timed_borrow(pool), give_back])
-            return count[0]
+            _, count = await run_all([lambda: timed_borrow(pool), give_back])
+            return int(count)
 
-        # Every connection lent, callers queue: the usual pace (1 s here).
-        assert await steps_while_one_queues(0.6) <= 2
-        # The limit holds the caller back: a step at once (the last one just
-        # ran), then every WATCH_INTERVAL.
+        # Every connection lent, callers queue: the usual pace.
+        assert await steps_while_one_queues(1.0) <= 1
+        # The limit holds the caller back: woken at once, then a step every
+        # WATCH_INTERVAL.
         hold_lending_to(pool, 1)
-        n = len(steps)
-        await await_until(lambda: len(steps) > n)
-        assert await steps_while_one_queues(0.5) >= 3
+        assert await steps_while_one_queues(1.0) >= 4
         # Nobody queues any more: the usual pace again.
         n = len(steps)
-        await asleep(0.6)
-        assert len(steps) - n <= 2
+        await asleep(1.0)
+        assert len(steps) - n <= 1
         assert pool.stats().lend_limit == 1
+
+
+async def test_a_give_back_that_lowers_the_limit_wakes_the_maintenance(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_core, "SLOW_BORROW", math.inf)  # keep the callers queued
+
+    def ended(self: Any, now: float, held: float, counted: bool = True) -> bool:
+        self.limit = self.floor  # as a probe of the floor would
+        return True
+
+    async with small_pool(
+        dsn, min_size=3, max_size=3, adaptive_concurrency=True
+    ) as pool:
+        await pool.wait(5)
+        steps = count_maintenance(pool)
+        await after_a_step(steps)
+        held = [await pool.getconn() for _ in range(3)]
+
+        async def give_back() -> int:
+            # Two callers queue while every connection may be lent: nothing
+            # to watch yet. Then a give-back lowers the limit.
+            await await_until(lambda: pool.stats().waiting == 2)
+            monkeypatch.setattr(_adaptive.AdaptiveLimit, "ended", ended)
+            n = len(steps)
+            await pool.putconn(held.pop())
+            await asleep(0.5)
+            count = len(steps) - n
+            for conn in held:
+                await pool.putconn(conn)
+            return count
+
+        *_, count = await run_all(
+            [lambda: timed_borrow(pool), lambda: timed_borrow(pool), give_back]
+        )
+        assert count >= 3
 
 
 async def test_adaptive_concurrency_under_load_loses_no_borrow(dsn: str) -> None:

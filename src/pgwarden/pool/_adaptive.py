@@ -30,9 +30,9 @@ little:
   most one borrow per shortest borrow seen (held, from lend to give-back);
   if that bound is under `HOPELESS` of the current throughput (borrowers
   waiting 2 ms on the server, say), the probe is skipped;
-- one that starts far behind (`ABORT`) ends after its first window (if
-  that is the first after a lull, the floor is checked by `RESUMED`
-  instead, see below).
+- one that starts far behind (`ABORT`) ends after its first window (for a
+  probe of the floor whose first window is the first after a lull,
+  `RESUMED` decides instead, see below).
 
 One connection at a time makes every queued caller wait for the longest
 borrow, so a borrow lent at the floor that holds its connection over
@@ -207,9 +207,7 @@ class AdaptiveLimit:
             return self._new_spell(now, last)
         self._last = now
         if now - held < self._changed_at:  # lent before the last change
-            self._count = 0
-            self._window_max = 0.0
-            self._started = now
+            self._new_window(now)
             return False
         if counted:
             if held < self._min_held:
@@ -222,9 +220,7 @@ class AdaptiveLimit:
             return False
         old = self.limit
         self._window_done(self._count, elapsed, self._window_max)
-        self._count = 0
-        self._window_max = 0.0
-        self._started = now
+        self._new_window(now)
         if self.limit != old:
             self._changed_at = now
             return True
@@ -256,20 +252,21 @@ class AdaptiveLimit:
                 self._pending = [borrows, seconds]
         self._check = self.limit < self.ceiling
         self._skip = True
-        self._count = 0
-        self._window_max = 0.0
-        self._started = now
+        self._new_window(now)
         # Lent with no queue, so without the limit: not a window's.
         self._changed_at = now
         return self.limit != old
 
+    def _new_window(self, now: float) -> None:
+        self._count = 0
+        self._window_max = 0.0
+        self._started = now
+
     def _checked(self, borrows: float, seconds: float) -> bool:
-        """The check after a lull (see `_new_spell`); True if it failed, and
-        the floor was given up."""
+        """The check after a lull (see `_new_spell`), below the ceiling;
+        True if it failed, and the floor was given up."""
         self._check = False
         self._pending = [0, 0.0]
-        if self.limit == self.ceiling:
-            return False
         if borrows >= RESUMED * self._ceiling_rate * seconds:
             return False
         self._give_up_floor()
@@ -306,16 +303,14 @@ class AdaptiveLimit:
 
     def _restart(self, now: float) -> None:
         self._changed_at = now  # borrows lent before don't count
-        self._count = 0
-        self._started = now
+        self._new_window(now)
         self._base = self._trial = self.limit
         self._sums = [0.0, 0.0]
         self._rate = self._ceiling_rate = 0.0
-        self._skip = self._check = False
+        self._skip = False
         self._confirming = False
         self._recheck = None
         self._hold = FIRST_HOLD  # a first measure to compare probes against
-        self._window_max = 0.0
         self._settle(moved=True)
 
     def _window_done(self, borrows: int, seconds: float, longest: float) -> None:
@@ -330,7 +325,7 @@ class AdaptiveLimit:
             steady = self._steady
             confirming = self._confirming
             if self.limit < self.ceiling and longest > LONG_HELD:
-                self._refute()  # the floor holds the queue up behind it
+                self._give_up_floor()  # it holds the queue up behind it
                 return
             # The first windows still show the last change.
             if self._held > (CONFIRM_SKIP if confirming else 1):
@@ -400,7 +395,8 @@ class AdaptiveLimit:
                 self._ceiling_rate = rate
             self._confirming = False
             self._recheck = None
-            if recheck < rate * CONFIRM or not recheck:  # not faster, or unmeasured
+            # Not faster, or either hold measured nothing (bursts too short).
+            if recheck < rate * CONFIRM or not (recheck and rate):
                 self._refute()
                 return
             self.limit = self.floor

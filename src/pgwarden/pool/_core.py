@@ -259,6 +259,9 @@ class PoolCore:
             AdaptiveLimit(self.committed + 1, max_size) if adaptive else None
         )
         self._woken: list[Waiter] = []  # served besides the one release() returns
+        # Set when a give-back lowered the adaptive limit with callers queued:
+        # the shell wakes maintenance up to watch it (see `watching`).
+        self.watch_wanted = False
 
         self.idle: list[Entry] = []  # the last one is the most recently given back
         self.entries: set[Entry] = set()  # every open connection
@@ -600,6 +603,7 @@ class PoolCore:
         the new limit, and serve whoever a raised one lets in (`pop_woken`)."""
         assert self.adaptive is not None
         self.cap = min(self.max_size, self.adaptive.limit + self._slow)
+        self.watch_wanted = self.watching
         waiter = self._serve(entry, now)
         self._serve_more(now)
         if waiter is None and self._woken:

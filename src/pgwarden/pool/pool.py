@@ -433,10 +433,16 @@ class Pool:
             if not n and self._core.next_connect_at > now:
                 # Backing off: have maintenance connect as soon as it ends.
                 self._wakeup.set()
-            elif not self._watching and self._core.watching:
-                self._watching = True  # see _maintain()
-                self._wakeup.set()
+            elif self._core.watching:
+                self._wake_to_watch()
         return waiter
+
+    def _wake_to_watch(self) -> None:
+        """Have maintenance run every WATCH_INTERVAL from now on (under the
+        lock): the adaptive limit holds callers back (see _maintain)."""
+        if not self._watching and self._wakeup is not None:
+            self._watching = True
+            self._wakeup.set()
 
     def _wait_for(self, waiter: Waiter) -> Entry:
         """Wait until `waiter` is served, times out or is cancelled."""
@@ -689,6 +695,9 @@ class Pool:
             waiter = core.release(entry, now, reusable)
             if waiter is not None and core._woken:  # the adaptive limit rose
                 woken = core.pop_woken()
+            if core.watch_wanted:  # it fell, with callers queued
+                core.watch_wanted = False
+                self._wake_to_watch()
             if core._to_close:
                 self._after_change_locked()
             drained = core.closed and not core.busy
@@ -840,7 +849,7 @@ class Pool:
             self._start_connects(act.connects)
             drained = core.closed and not core.busy
             delay = self._tick
-            # Slow borrows and stalls (see _core.SLOW_BORROW); _enqueue()
+            # Slow borrows and stalls (see _core.SLOW_BORROW); _wake_to_watch()
             # wakes this loop up when the limit starts holding callers back.
             self._watching = core.watching
             if self._watching:
@@ -1034,6 +1043,7 @@ def _maintenance_loop(pool_ref: weakref.ref[Pool]) -> None:
         except Exception:
             logger.exception("maintenance of pool %r failed", pool.name)
             delay = pool._tick
+            pool._watching = False  # the next caller held back wakes it up
         wakeup = pool._wakeup
         del pool
         assert wakeup is not None
