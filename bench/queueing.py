@@ -2,8 +2,8 @@
 
     python bench/queueing.py [--seconds 3] [--rounds 2]
 
-Sixteen threads run short transactions (BEGIN, UPDATE one row, COMMIT), as
-`run.py`'s `txn-16x8` cell does, four ways: a connection per thread
+Sixteen threads run `run.py`'s short transaction (BEGIN, UPDATE one row,
+COMMIT, on its table), as its `txn-16x8` cell does, four ways: a connection per thread
 (`direct`), pgwarden's `Pool` with 8 connections and with 16, and a plain
 `queue.LifoQueue` of 8 connections (the least a pool can do). For each:
 throughput, and per transaction the process's user and system CPU time and
@@ -31,17 +31,12 @@ import psycopg
 
 from pgwarden import Pool
 from pgwarden.embedded import EmbeddedPostgres
+from workloads import TRANSACTION, SyncOp, setup_tables
 
 THREADS = 16
 WARMUP = 0.5
 Borrow = Callable[[int], AbstractContextManager[Any]]
-
-
-def transaction(conn: Any, rng: random.Random) -> None:
-    with conn.transaction():
-        conn.execute(
-            "UPDATE queueing_bench SET n = n + 1 WHERE id = %s", (rng.randint(1, 1000),)
-        )
+transaction: SyncOp = TRANSACTION.sync_ops["psycopg"]
 
 
 def measure(name: str, borrow: Borrow, seconds: float) -> None:
@@ -120,11 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     with EmbeddedPostgres() as pg:
         dsn = pg.dsn()
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE queueing_bench (id int PRIMARY KEY, n int)")
-            conn.execute(
-                "INSERT INTO queueing_bench SELECT g, 0 FROM generate_series(1, 1000) g"
-            )
+        setup_tables(dsn)
         ways: list[tuple[str, Callable[[], AbstractContextManager[Borrow]]]] = [
             ("direct (16 connections)", lambda: direct(dsn)),
             ("pgwarden, 8", lambda: pgwarden(dsn, 8)),

@@ -473,7 +473,7 @@ class AsyncPool:
             if not n and self._core.next_connect_at > now:
                 # Backing off: have maintenance connect as soon as it ends.
                 self._wakeup.set()
-            elif self._core.watching:
+            elif not self._watching and self._core.watching:
                 self._wake_to_watch()
         return waiter
 
