@@ -246,11 +246,12 @@ class PgwardenNoLeak(Pgwarden):
 QUEUEING_CELLS = frozenset({"select1-64x4", "select1-64x16", "txn-16x8"})
 
 
-class PgwardenAdaptive(Pgwarden):
-    """`pgwarden.Pool` with `adaptive_concurrency` on, where callers queue."""
+class PgwardenNoAdaptive(Pgwarden):
+    """`pgwarden.Pool` with `adaptive_concurrency` off (on by default for
+    threads), where callers queue."""
 
-    name = "pgwarden+adaptive"
-    overrides = {"adaptive_concurrency": True}
+    name = "pgwarden-noadaptive"
+    overrides = {"adaptive_concurrency": False}
     cells = QUEUEING_CELLS
 
 
@@ -285,7 +286,8 @@ class PgwardenNoLeakAsync(PgwardenAsync):
 
 
 class PgwardenAdaptiveAsync(PgwardenAsync):
-    """`pgwarden.AsyncPool` with `adaptive_concurrency` on, where callers queue."""
+    """`pgwarden.AsyncPool` with `adaptive_concurrency` on (off by default for
+    asyncio), where callers queue."""
 
     name = "pgwarden+adaptive-async"
     overrides = {"adaptive_concurrency": True}
@@ -300,7 +302,7 @@ SYNC_IMPLS: tuple[type[SyncImpl], ...] = (
     SqlalchemyPrePing,
     Pgwarden,
     PgwardenNoLeak,
-    PgwardenAdaptive,
+    PgwardenNoAdaptive,
 )
 ASYNC_IMPLS: tuple[type[AsyncImpl], ...] = (
     DirectAsync,

@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "max_lifetime": 1800.0,
     "leak_detection_threshold": 60.0,
     "max_waiting": 0,
-    "adaptive_concurrency": False,
+    "adaptive_concurrency": None,
     "lanes": (),
     "application_name": "pgwarden",
     "reset_query": "",
@@ -440,6 +440,24 @@ def test_bad_booleans(raw: object) -> None:
         assert error_of(env, DB_TEST_ON_BORROW=raw).startswith(
             f"DB_TEST_ON_BORROW={raw!r} is not a boolean"
         )
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"), [("auto", None), (" AUTO ", None), (None, None), ("on", True)]
+)
+def test_adaptive_concurrency_may_be_left_to_the_pool(
+    raw: object, value: object
+) -> None:
+    assert make(adaptive_concurrency=raw).adaptive_concurrency is value
+    assert PoolConfig().adaptive_concurrency is None
+
+
+@pytest.mark.parametrize("raw", ["maybe", "", 1])
+def test_bad_adaptive_concurrency(raw: object) -> None:
+    assert error_of(PoolConfig, adaptive_concurrency=raw) == (
+        f"adaptive_concurrency={raw!r} is not a boolean;"
+        " use auto, true/false, yes/no, on/off, 1/0"
+    )
 
 
 # -- sizes and lanes ----------------------------------------------------------

@@ -77,7 +77,8 @@ _OPTIONAL_DURATIONS: Final = (  # 0 turns these off
     "max_lifetime",
     "leak_detection_threshold",
 )
-_BOOLS: Final = ("test_on_borrow", "test_while_idle", "adaptive_concurrency")
+_BOOLS: Final = ("test_on_borrow", "test_while_idle")
+_AUTO_BOOLS: Final = ("adaptive_concurrency",)  # None or "auto": the pool decides
 # Fields sent to the server as settings, and the largest value it accepts.
 _SERVER_SETTINGS: Final = {
     "statement_timeout": "statement_timeout",
@@ -157,6 +158,16 @@ def _parse_bool(value: object, source: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
         return _BOOL_WORDS[value.strip().lower()]
     raise _bad(source, value, "is not a boolean", "use true/false, yes/no, on/off, 1/0")
+
+
+def _parse_auto_bool(value: object, source: str) -> bool | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    try:
+        return _parse_bool(value, source)
+    except ConfigError:
+        allowed = "use auto, true/false, yes/no, on/off, 1/0"
+        raise _bad(source, value, "is not a boolean", allowed) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +322,8 @@ def _validate(raw: Mapping[str, Any], sources: Mapping[str, str]) -> dict[str, A
             raise _bad(label(name), raw[name], "is too large", allowed)
     for name in _BOOLS:
         out[name] = _parse_bool(raw[name], label(name))
+    for name in _AUTO_BOOLS:
+        out[name] = _parse_auto_bool(raw[name], label(name))
     query = raw["validation_query"]
     if not isinstance(query, str) or not query.strip():
         allowed = "expected an SQL statement such as 'SELECT 1'"
@@ -406,6 +419,9 @@ class PoolConfig:
         adaptive_concurrency: while callers queue, lend one connection at a
             time if that is measured to raise throughput (see
             `pgwarden.pool._adaptive`); reservations are never held back.
+            None ("auto", the default): on for `Pool`, whose threads pay
+            for each other's queries in GIL hand-offs; off for `AsyncPool`,
+            where it measured no gain.
         lanes: LaneSpecs, ``{name: (reserved, limit)}`` or the string
             ``"name:reserved:limit,..."``; a lane named ``default`` serves
             the borrows that name no lane. The sum of the reservations and
@@ -435,7 +451,7 @@ class PoolConfig:
     max_lifetime: float = 1800.0
     leak_detection_threshold: float = 60.0
     max_waiting: int = 0
-    adaptive_concurrency: bool = False
+    adaptive_concurrency: bool | None = None
     lanes: tuple[LaneSpec, ...] = ()
     application_name: str = "pgwarden"
     reset_query: str = ""

@@ -546,6 +546,19 @@ def borrow_held_back_beside_an_idle_one(
     return waited, held
 
 
+def test_adaptive_concurrency_is_on_by_default_for_threads_only(
+    dsn: str,
+) -> None:
+    with small_pool(dsn, min_size=0, max_size=2) as pool:
+        assert pool.config.adaptive_concurrency is None  # auto
+        assert pool._core.adaptive is not None
+    for chosen in (True, False):
+        with small_pool(
+            dsn, min_size=0, max_size=2, adaptive_concurrency=chosen
+        ) as pool:
+            assert (pool._core.adaptive is not None) is chosen
+
+
 def test_adaptive_concurrency_never_holds_a_caller_back_from_itself(
     dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1390,7 +1403,7 @@ def test_stats_fields(dsn: str) -> None:
             stats = pool.stats()
             assert stats.in_use == 1 and stats.lanes["x"].in_use == 1
             assert stats.longest_held_seconds >= 0
-            assert stats.lend_limit == 2  # adaptive_concurrency is off
+            assert stats.lend_limit == 2  # max_size, until callers queue
         d = pool.stats().as_dict()
         for key in (
             "size",

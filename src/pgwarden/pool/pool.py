@@ -1004,6 +1004,9 @@ def _unreachable(ex: BaseException) -> bool:
 
 
 def _new_core(cfg: PoolConfig) -> PoolCore:
+    adaptive = cfg.adaptive_concurrency
+    if adaptive is None:  # auto: on, threads pay for each other in GIL hand-offs
+        adaptive = True
     return PoolCore(
         min_size=cfg.min_size,
         max_size=cfg.max_size,
@@ -1015,7 +1018,7 @@ def _new_core(cfg: PoolConfig) -> PoolCore:
         tests_per_eviction_run=cfg.tests_per_eviction_run,
         test_while_idle=cfg.test_while_idle,
         leak_threshold=cfg.leak_detection_threshold,
-        adaptive=cfg.adaptive_concurrency,
+        adaptive=adaptive,
     )
 
 

@@ -1149,6 +1149,12 @@ def _unreachable(ex: BaseException) -> bool:
 
 
 def _new_core(cfg: PoolConfig) -> PoolCore:
+    adaptive = cfg.adaptive_concurrency
+    if True:  # ASYNC
+        adaptive = bool(adaptive)  # auto: off, one thread has no GIL hand-offs to save
+    else:
+        if adaptive is None:  # auto: on, threads pay for each other in GIL hand-offs
+            adaptive = True
     return PoolCore(
         min_size=cfg.min_size,
         max_size=cfg.max_size,
@@ -1160,7 +1166,7 @@ def _new_core(cfg: PoolConfig) -> PoolCore:
         tests_per_eviction_run=cfg.tests_per_eviction_run,
         test_while_idle=cfg.test_while_idle,
         leak_threshold=cfg.leak_detection_threshold,
-        adaptive=cfg.adaptive_concurrency,
+        adaptive=adaptive,
     )
 
 
