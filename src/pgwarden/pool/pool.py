@@ -274,7 +274,14 @@ class Pool:
         (cancellation included) it is rolled back. Either way the connection
         goes back to the pool.
         """
-        return _ConnectionBlock(self, lane, timeout)
+        # _ConnectionBlock(self, lane, timeout) would cost a call to
+        # __init__ more: this is the hot path.
+        block = _new_block(_ConnectionBlock)
+        block._pool = self
+        block._lane = lane
+        block._timeout = timeout
+        block._conn = None
+        return block
 
     def getconn(
         self, lane: str | None = None, timeout: float | None = None
@@ -687,7 +694,14 @@ class Pool:
             lock.acquire()
             if entry is None:
                 assert handle is not None
-                entry = self._claim(handle, now)
+                # entry = self._claim(handle, now), inlined: the hot path.
+                entry = handle._pgw_entry
+                if entry is None or entry.handle is not handle:
+                    raise self._not_on_loan(handle)
+                entry.returned_at = now
+                handle._pgw_entry = None
+                handle.__dict__ = {}
+                handle.__class__ = ReturnedConnection
                 try:
                     entry.conn._pgw_restore()
                 except Exception as ex:  # a psycopg this pool doesn't know
@@ -907,12 +921,11 @@ class _ConnectionBlock:
 
     __slots__ = ("_conn", "_lane", "_pool", "_timeout")
 
-    def __init__(self, pool: Pool, lane: str | None, timeout: float | None) -> None:
-        self._pool = pool
-        self._lane = lane
-        self._timeout = timeout
-        # None, then _ENTERED, then the handle while on loan, then _ENTERED.
-        self._conn: Any = None
+    # Made by Pool.connection(), without __init__.
+    _pool: Pool
+    _lane: str | None
+    _timeout: float | None
+    _conn: Any  # None, then _ENTERED, then the handle while on loan, then _ENTERED
 
     def __enter__(self) -> PooledConnection:
         if self._conn is not None:
@@ -949,6 +962,7 @@ class _ConnectionBlock:
 
 
 _ENTERED = object()
+_new_block = object.__new__
 
 
 def _entered_twice() -> RuntimeError:

@@ -292,7 +292,14 @@ class AsyncPool:
         (cancellation included) it is rolled back. Either way the connection
         goes back to the pool.
         """
-        return _AsyncConnectionBlock(self, lane, timeout)
+        # _AsyncConnectionBlock(self, lane, timeout) would cost a call to
+        # __init__ more: this is the hot path.
+        block = _new_block(_AsyncConnectionBlock)
+        block._pool = self
+        block._lane = lane
+        block._timeout = timeout
+        block._conn = None
+        return block
 
     async def getconn(
         self, lane: str | None = None, timeout: float | None = None
@@ -791,7 +798,14 @@ class AsyncPool:
             lock.acquire()
             if entry is None:
                 assert handle is not None
-                entry = self._claim(handle, now)
+                # entry = self._claim(handle, now), inlined: the hot path.
+                entry = handle._pgw_entry
+                if entry is None or entry.handle is not handle:
+                    raise self._not_on_loan(handle)
+                entry.returned_at = now
+                handle._pgw_entry = None
+                handle.__dict__ = {}
+                handle.__class__ = AsyncReturnedConnection
                 try:
                     entry.conn._pgw_restore()
                 except Exception as ex:  # a psycopg this pool doesn't know
@@ -1032,14 +1046,11 @@ class _AsyncConnectionBlock:
 
     __slots__ = ("_conn", "_lane", "_pool", "_timeout")
 
-    def __init__(
-        self, pool: AsyncPool, lane: str | None, timeout: float | None
-    ) -> None:
-        self._pool = pool
-        self._lane = lane
-        self._timeout = timeout
-        # None, then _ENTERED, then the handle while on loan, then _ENTERED.
-        self._conn: Any = None
+    # Made by AsyncPool.connection(), without __init__.
+    _pool: AsyncPool
+    _lane: str | None
+    _timeout: float | None
+    _conn: Any  # None, then _ENTERED, then the handle while on loan, then _ENTERED
 
     if True:  # ASYNC
 
@@ -1087,6 +1098,7 @@ class _AsyncConnectionBlock:
 
 
 _ENTERED = object()
+_new_block = object.__new__
 
 
 def _entered_twice() -> RuntimeError:
