@@ -449,6 +449,8 @@ def test_adaptive_concurrency_may_be_left_to_the_pool(
     raw: object, value: object
 ) -> None:
     assert make(adaptive_concurrency=raw).adaptive_concurrency is value
+    if isinstance(raw, str):
+        assert env(DB_ADAPTIVE_CONCURRENCY=raw).adaptive_concurrency is value
     assert PoolConfig().adaptive_concurrency is None
 
 

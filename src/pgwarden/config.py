@@ -78,7 +78,6 @@ _OPTIONAL_DURATIONS: Final = (  # 0 turns these off
     "leak_detection_threshold",
 )
 _BOOLS: Final = ("test_on_borrow", "test_while_idle")
-_AUTO_BOOLS: Final = ("adaptive_concurrency",)  # None or "auto": the pool decides
 # Fields sent to the server as settings, and the largest value it accepts.
 _SERVER_SETTINGS: Final = {
     "statement_timeout": "statement_timeout",
@@ -322,8 +321,9 @@ def _validate(raw: Mapping[str, Any], sources: Mapping[str, str]) -> dict[str, A
             raise _bad(label(name), raw[name], "is too large", allowed)
     for name in _BOOLS:
         out[name] = _parse_bool(raw[name], label(name))
-    for name in _AUTO_BOOLS:
-        out[name] = _parse_auto_bool(raw[name], label(name))
+    out["adaptive_concurrency"] = _parse_auto_bool(  # None, "auto": the pool decides
+        raw["adaptive_concurrency"], label("adaptive_concurrency")
+    )
     query = raw["validation_query"]
     if not isinstance(query, str) or not query.strip():
         allowed = "expected an SQL statement such as 'SELECT 1'"

@@ -83,11 +83,12 @@ def _probing_the_floor() -> tuple[AdaptiveLimit, float]:
 
 def test_it_lends_fewer_connections_when_that_is_faster() -> None:
     limiter = AdaptiveLimit(1, 16)
-    # A hold at 16, a probe of 1 (PROBE_SKIP + PROBE_WINDOWS windows), a
-    # hold at 1, the same at 16 again to confirm: 1 it is.
+    # A hold at 16, a probe of 1 (PROBE_SKIP + PROBE_WINDOWS windows), one
+    # of 16 again at once (far behind: one window), a hold at 1, the same
+    # at 16 again to confirm: 1 it is.
     now, seen = run(limiter, gil_bound, 5.0)
     assert limiter.limit == 1, seen[-20:]
-    assert limiter.probes_total == 1
+    assert limiter.probes_total == 2
     _, seen = run(limiter, gil_bound, 5.0, now)
     # Probing up now and then costs a window, no more.
     assert seen.count(1) / len(seen) > 0.97
@@ -176,6 +177,56 @@ def test_a_step_down_that_only_looked_faster_is_taken_back() -> None:
     assert seen.count(8) / len(seen) > 0.6, Counter(seen)
     # Each refuted step down doubles the wait before the next probe.
     assert len(holds) >= 3 and all(b == 2 * a for a, b in pairwise(holds)), holds
+
+
+def slow_start(now: float, limit: int) -> float:
+    """Short transactions, the floor at 0.62x the ceiling; but through the
+    first hold everything runs at 0.45x: a load warming up for longer than
+    the windows the first hold leaves out."""
+    rate = 3400.0 if limit == 1 else 5500.0
+    first_hold = (_adaptive.FIRST_HOLD + 1) * _adaptive.WINDOW_SECONDS
+    return rate * 0.45 if now < first_hold else rate
+
+
+def test_a_floor_that_only_beat_a_slow_start_is_given_up_at_once() -> None:
+    limiter = AdaptiveLimit(1, 16)
+    now, at_floor = 0.0, 0.0
+    while now < 4.0:
+        step = 1.0 / slow_start(now, limiter.limit)
+        now += step
+        at_floor += step if limiter.limit == 1 else 0.0
+        limiter.ended(now, 1.0 / 3400.0)
+    # The probe of the floor beat the slow first hold; the ceiling, tried
+    # back at once, beat the floor: that step down is refuted there, after
+    # the probe's 0.35 s at the floor (not the 1.6 s of a confirmation).
+    assert limiter._refuted == 1 and limiter.limit == limiter.kept == 16
+    probe = (_adaptive.PROBE_SKIP + _adaptive.PROBE_WINDOWS) * _adaptive.WINDOW_SECONDS
+    assert probe * 0.9 < at_floor < probe * 1.2, at_floor
+
+
+def test_the_first_hold_leaves_out_the_start_of_the_load() -> None:
+    def warming_up(now: float, limit: int) -> float:
+        """The floor at 0.9x the ceiling; both at 0.3x for 0.2 s at first."""
+        rate = 5000.0 if limit == 1 else 5500.0
+        return rate if now >= 0.2 else rate * 0.3
+
+    limiter = AdaptiveLimit(1, 16)
+    now = 0.0
+    while now < 2.0:  # the next probe comes after 1.6 s more at the ceiling
+        now += 1.0 / warming_up(now, limiter.limit)
+        limiter.ended(now, 1.0 / 5000.0)
+    # The floor was probed against the load warmed up, and lost.
+    assert limiter.probes_total == 1 and limiter._refuted == 0
+    assert limiter.limit == limiter.kept == 16
+
+
+def test_kept_is_the_ceiling_while_it_is_tried_back_after_a_step_down() -> None:
+    limiter = AdaptiveLimit(1, 16)
+    now = 0.0
+    while not limiter._confirming:
+        now += 1.0 / gil_bound(limiter.limit)
+        limiter.ended(now, 1.0 / gil_bound(1))
+    assert limiter._phase == 0 and (limiter.limit, limiter.kept) == (16, 16)
 
 
 def test_after_a_lull_a_floor_far_behind_is_given_up_soon() -> None:
@@ -420,7 +471,8 @@ def test_bursts_shorter_than_a_confirmation_get_the_floor() -> None:
     # The first hold, the probe, the confirmation at the floor and at the
     # ceiling each span several bursts: nothing starts over at a lull.
     assert limiter.kept == 1 and limiter._refuted == 0
-    assert limiter.probes_total <= 2  # the floor's, and later the ceiling's
+    # The floor's, the ceiling's right after, and later the ceiling's again.
+    assert limiter.probes_total <= 3
     assert seen.count(1) / len(seen) > 0.7
 
 
@@ -429,7 +481,9 @@ def test_a_probe_goes_on_after_a_lull() -> None:
     now, _ = run(limiter, gil_bound, 0.2, now + _adaptive.LULL + 1.0)
     assert limiter.limit == 1 and limiter._phase >= 2  # not started over
     run(limiter, gil_bound, 1.0, now)
-    assert limiter.probes_total == 1 and limiter._confirming
+    # The floor won; the ceiling, tried back at once, lost: confirming.
+    assert limiter.probes_total == 2 and limiter._confirming
+    assert limiter.limit == 1 and limiter._phase == -1
 
 
 def test_after_a_lull_a_probe_of_the_floor_far_behind_ends() -> None:

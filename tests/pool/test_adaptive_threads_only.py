@@ -15,8 +15,7 @@ def test_threads_contending_for_the_gil_get_fewer_connections(dsn: str) -> None:
     with Pool(
         dsn,
         min_size=8,
-        max_size=8,
-        adaptive_concurrency=True,
+        max_size=8,  # adaptive_concurrency: on by default for threads
         application_name=unique_app(),
     ) as pool:
         pool.wait(5)

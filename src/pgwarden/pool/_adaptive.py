@@ -15,16 +15,18 @@ step by step, and short transactions lost up to 40 % at 2 to 4 connections.
 
 Only while callers queue: each borrow that ends then counts, and windows of
 at least `WINDOW_SECONDS` give throughputs (borrows ended per second). The
-limit holds for `HOLD` windows (`FIRST_HOLD` at first), then a probe holds
-the other level for `PROBE_SKIP` + `PROBE_WINDOWS` windows. A change of
-limit takes up to 150 ms to show in throughput here (with 64 threads, going
-from 4 connections to 1 first looked 1.25x as fast, then 2x), so the first
-`PROBE_SKIP` windows don't count. The floor is kept if it made `DOWN_KEEP`
-times the throughput of the hold before, the ceiling if it made as much
-(`UP_KEEP`). After each probe that changed nothing, the next hold at the
-ceiling is `SETTLE_GROWTH` times as long (up to `SETTLE_MAX`); at the floor
-it stays `HOLD_MAX`, so that a load that changed finds out. Probes cost
-little:
+limit holds for `HOLD` windows (`FIRST_HOLD` at first, of which the first
+`FIRST_SKIP` don't count: a load just starting runs slow), then a probe
+holds the other level for `PROBE_SKIP` + `PROBE_WINDOWS` windows. A change
+of limit takes up to 150 ms to show in throughput here (with 64 threads,
+going from 4 connections to 1 first looked 1.25x as fast, then 2x), so the
+first `PROBE_SKIP` windows don't count. The floor is kept if it made
+`DOWN_KEEP` times the throughput of the hold before, and then the ceiling
+again in a probe at once made less than it did; the ceiling is kept if it
+made as much as the floor (`UP_KEEP`). After each probe that changed
+nothing, the next hold at the ceiling is `SETTLE_GROWTH` times as long (up
+to `SETTLE_MAX`); at the floor it stays `HOLD_MAX`, so that a load that
+changed finds out. Probes cost little:
 
 - none to the floor when it cannot win: each of its connections makes at
   most one borrow per shortest borrow seen (held, from lend to give-back);
@@ -38,8 +40,9 @@ One connection at a time makes every queued caller wait for the longest
 borrow, so a borrow lent at the floor that holds its connection over
 `LONG_HELD` ends a probe, refutes a step down, or leaves a kept floor.
 
-A probe can be misled by drift, so a step down is confirmed by holding
-longer: the floor, then the ceiling again (`CONFIRM_HOLD` windows each,
+A probe can be misled by drift, so a step down is checked at once against
+the ceiling again (a floor that only beat a slow moment costs no more than
+its probe), then confirmed by holding longer: the floor, then the ceiling again (`CONFIRM_HOLD` windows each,
 `CONFIRM_SKIP` not counted); the floor stays only if it was `CONFIRM` times
 as fast. Without a queue nothing is held back. `LULL` seconds without a
 queue are cut out: holds, probes and confirmations go on where they were,
@@ -99,7 +102,12 @@ CONFIRM_SKIP = 8
 # nothing, at the ceiling SETTLE_GROWTH times as long each time, from HOLD up
 # to SETTLE_MAX (unless a backoff made it longer already), at the floor
 # HOLD_MAX.
-FIRST_HOLD = 4
+FIRST_HOLD = 8
+# Windows of the first hold not counted (of the later ones: 1): a load just
+# starting runs slow (threads starting, caches warming), and a probe would
+# beat it. Short transactions made 0.3x to 0.5x their later throughput in
+# their first 0.2 s.
+FIRST_SKIP = 4
 HOLD = 8
 HOLD_MAX = 64
 SETTLE_GROWTH = 4
@@ -186,9 +194,9 @@ class AdaptiveLimit:
     def kept(self) -> int:
         """The limit decided on: not one a probe tries, nor a step down
         not confirmed yet."""
-        if self._phase >= 0:
-            return self._base
-        return self.ceiling if self._confirming else self.limit
+        if self._confirming:
+            return self.ceiling
+        return self._base if self._phase >= 0 else self.limit
 
     def resize(self, floor: int, ceiling: int, now: float) -> None:
         """New bounds (the pool was resized): start over at the ceiling."""
@@ -328,7 +336,9 @@ class AdaptiveLimit:
                 self._give_up_floor()  # it holds the queue up behind it
                 return
             # The first windows still show the last change.
-            if self._held > (CONFIRM_SKIP if confirming else 1):
+            if self._held > (
+                CONFIRM_SKIP if confirming else 1 if self._rate else FIRST_SKIP
+            ):
                 steady[0] += borrows
                 steady[1] += seconds
             if self._held >= (CONFIRM_HOLD if confirming else self._hold):
@@ -367,12 +377,22 @@ class AdaptiveLimit:
         rate = sums[0] / sums[1]
         if self._trial == self.ceiling and rate:
             self._ceiling_rate = rate
-        gain = rate / self._rate
-        if gain >= (DOWN_KEEP if self._trial < self._base else UP_KEEP):
+        won = rate >= (DOWN_KEEP if self._trial < self._base else UP_KEEP) * self._rate
+        if self._confirming:  # the ceiling again, right after a step down
+            if won:
+                self._refute()
+                return
+            self.limit = self._base
+            self._settle(moved=False)  # and hold the floor to confirm it
+        elif won:
             self.limit = self._trial
-            self._confirming = self.limit < self.ceiling
             self._hold = HOLD  # the load moved: probe again soon after
-            self._settle(moved=True)
+            if self.limit < self.ceiling:  # a step down: try back at once
+                self._confirming = True
+                self._rate = rate
+                self._probe_other()
+            else:
+                self._settle(moved=True)
         else:
             self.limit = self._base
             self._settle(moved=False)
