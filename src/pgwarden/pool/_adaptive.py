@@ -15,9 +15,8 @@ step by step, and short transactions lost up to 40 % at 2 to 4 connections.
 
 Only while callers queue: each borrow that ends then counts, and windows of
 at least `WINDOW_SECONDS` give throughputs (borrows ended per second). The
-limit holds for `HOLD` windows (`FIRST_HOLD` at first, of which the first
-`FIRST_SKIP` don't count: a load just starting runs slow), then a probe
-holds the other level for `PROBE_SKIP` + `PROBE_WINDOWS` windows. A change
+limit holds for `HOLD` windows (`FIRST_HOLD` at first), then a probe holds
+the other level for `PROBE_SKIP` + `PROBE_WINDOWS` windows. A change
 of limit takes up to 150 ms to show in throughput here (with 64 threads,
 going from 4 connections to 1 first looked 1.25x as fast, then 2x), so the
 first `PROBE_SKIP` windows don't count. The floor is kept if it made
@@ -42,14 +41,15 @@ borrow, so a borrow lent at the floor that holds its connection over
 
 A probe can be misled by drift, so a step down is checked at once against
 the ceiling again (a floor that only beat a slow moment costs no more than
-its probe), then confirmed by holding longer: the floor, then the ceiling again (`CONFIRM_HOLD` windows each,
-`CONFIRM_SKIP` not counted); the floor stays only if it was `CONFIRM` times
-as fast. Without a queue nothing is held back. `LULL` seconds without a
-queue are cut out: holds, probes and confirmations go on where they were,
-so that bursts of load shorter than those get them too. The first window
-after a lull moves them on, but its borrows don't count (they show the load
-coming back); below the ceiling, it must make `RESUMED` times the ceiling's
-last throughput, or the floor is given up: the load changed meanwhile.
+its probe), then confirmed by holding longer: the floor, then the ceiling
+again (`CONFIRM_HOLD` windows each, `CONFIRM_SKIP` not counted); the floor
+stays only if it was `CONFIRM` times as fast. Without a queue nothing is
+held back. `LULL` seconds without a queue are cut out: holds, probes and
+confirmations go on where they were, so that bursts of load shorter than
+those get them too. The first window after a lull moves them on, but its
+borrows don't count (they show the load coming back); below the ceiling, it
+must make `RESUMED` times the ceiling's last throughput, or the floor is
+given up: the load changed meanwhile.
 
 A state machine with an injected clock: the pool's core calls it under its
 lock, on the give-back of a borrow that has callers waiting behind it.
@@ -102,12 +102,7 @@ CONFIRM_SKIP = 8
 # nothing, at the ceiling SETTLE_GROWTH times as long each time, from HOLD up
 # to SETTLE_MAX (unless a backoff made it longer already), at the floor
 # HOLD_MAX.
-FIRST_HOLD = 8
-# Windows of the first hold not counted (of the later ones: 1): a load just
-# starting runs slow (threads starting, caches warming), and a probe would
-# beat it. Short transactions made 0.3x to 0.5x their later throughput in
-# their first 0.2 s.
-FIRST_SKIP = 4
+FIRST_HOLD = 4
 HOLD = 8
 HOLD_MAX = 64
 SETTLE_GROWTH = 4
@@ -336,9 +331,7 @@ class AdaptiveLimit:
                 self._give_up_floor()  # it holds the queue up behind it
                 return
             # The first windows still show the last change.
-            if self._held > (
-                CONFIRM_SKIP if confirming else 1 if self._rate else FIRST_SKIP
-            ):
+            if self._held > (CONFIRM_SKIP if confirming else 1):
                 steady[0] += borrows
                 steady[1] += seconds
             if self._held >= (CONFIRM_HOLD if confirming else self._hold):
