@@ -82,7 +82,8 @@ def direct(dsn: str) -> Iterator[Borrow]:
 
 @contextmanager
 def pgwarden(dsn: str, size: int) -> Iterator[Borrow]:
-    with Pool(dsn, min_size=size, max_size=size) as pool:
+    # The plain fair hand-off: adaptive concurrency (on by default) off.
+    with Pool(dsn, min_size=size, max_size=size, adaptive_concurrency=False) as pool:
         pool.wait(10)
         yield lambda i: pool.connection()
 

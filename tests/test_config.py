@@ -102,7 +102,8 @@ def test_env_vars_cover_every_field_once() -> None:
 def test_docstring_lists_every_variable_and_default() -> None:
     doc = PoolConfig.__doc__ or ""
     for name, var in ENV_VARS.items():
-        assert re.search(rf"{name}\s+{var}\s+{re.escape(repr(DEFAULTS[name]))}", doc)
+        default = "auto" if DEFAULTS[name] is None else repr(DEFAULTS[name])
+        assert re.search(rf"{name}\s+{var}\s+{re.escape(default)}", doc)
     assert "DB_HOST" in doc
 
 

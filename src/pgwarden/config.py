@@ -584,7 +584,14 @@ _DEFAULTS: Final = {field.name: field.default for field in fields(PoolConfig)}
 
 def _environment_table() -> str:
     rows = [("field", "environment variable", "default")]
-    rows += [(name, ENV_VARS[name], repr(_DEFAULTS[name])) for name in _FIELD_NAMES]
+    rows += [
+        (
+            name,
+            ENV_VARS[name],
+            "auto" if _DEFAULTS[name] is None else repr(_DEFAULTS[name]),
+        )
+        for name in _FIELD_NAMES
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows]
     db_vars = ", ".join(var for _, var, _ in _CONNINFO_PARTS)

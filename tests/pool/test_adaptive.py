@@ -228,6 +228,46 @@ def test_after_a_lull_a_floor_far_behind_is_given_up_soon() -> None:
     assert limiter.kept == 16 and limiter._refuted == 1
 
 
+def _time_at_the_floor(limiter: AdaptiveLimit, model: Model, now: float) -> float:
+    """Seconds spent at the floor over 4 s of `model`."""
+    at_floor, end = 0.0, now + 4.0
+    while now < end:
+        step = 1.0 / model(limiter.limit)
+        now += step
+        at_floor += step if limiter.limit == limiter.floor else 0.0
+        limiter.ended(now, 1.0 / model(1))
+    return at_floor
+
+
+def test_a_lull_while_the_ceiling_is_tried_back_hides_no_change_of_load() -> None:
+    # The floor's probe won; the ceiling is tried back, and a lull comes.
+    limiter, now = AdaptiveLimit(1, 16), 0.0
+    while not limiter._confirming:
+        now += 1.0 / gil_bound(limiter.limit)
+        limiter.ended(now, 1.0 / gil_bound(1))
+    assert limiter.limit == 16 and limiter._phase == 0
+    # Borrowers that wait on the server come back: the ceiling, measured
+    # now, loses to the floor's throughput from before the lull, but the
+    # floor's first window is checked against it.
+    at_floor = _time_at_the_floor(limiter, server_bound, now + _adaptive.LULL + 1.0)
+    assert at_floor < 0.1 and limiter._refuted == 1 and limiter.kept == 16
+
+
+def test_a_lull_while_the_ceiling_is_held_again_hides_no_change_of_load() -> None:
+    # The confirmation holds the ceiling again, after the floor...
+    limiter, now = AdaptiveLimit(1, 16), 0.0
+    while limiter._recheck is None:
+        now += 1.0 / gil_bound(limiter.limit)
+        limiter.ended(now, 1.0 / gil_bound(1))
+    while limiter._held < _adaptive.CONFIRM_SKIP + 4:  # ...counting a while
+        now += 1.0 / gil_bound(limiter.limit)
+        limiter.ended(now, 1.0 / gil_bound(1))
+    # Then a lull, and borrowers that wait on the server: that hold made
+    # less than the floor did before, yet the floor is left at once.
+    at_floor = _time_at_the_floor(limiter, server_bound, now + _adaptive.LULL + 1.0)
+    assert at_floor < 0.1 and limiter.kept == 16
+
+
 def test_after_a_lull_a_kept_floor_far_behind_is_given_up_soon() -> None:
     limiter, now = _kept_floor()
     now, seen = run(limiter, server_bound, 2.0, now + _adaptive.LULL + 1.0)

@@ -49,7 +49,8 @@ confirmations go on where they were, so that bursts of load shorter than
 those get them too. The first window after a lull moves them on, but its
 borrows don't count (they show the load coming back); below the ceiling, it
 must make `RESUMED` times the ceiling's last throughput, or the floor is
-given up: the load changed meanwhile.
+given up: the load changed meanwhile. So must the floor's first window after
+the ceiling was tried back or held again, which a lull may have split.
 
 A state machine with an injected clock: the pool's core calls it under its
 lock, on the give-back of a borrow that has callers waiting behind it.
@@ -279,9 +280,8 @@ class AdaptiveLimit:
         """Back to the ceiling: a probe of the floor ends, a hold there is
         refuted."""
         self._skip = False
-        if self._phase >= 0:  # a probe of the floor: it ends
-            self.limit = self._base
-            self._settle(moved=False)
+        if self._phase >= 0 and self._trial < self._base:  # a probe of the floor
+            self._end_probe(moved=False)
         else:
             self._refute()
 
@@ -353,8 +353,7 @@ class AdaptiveLimit:
             # The floor would hold the queue up, or far behind at once (a
             # level that wins takes a while to show how much, but it does
             # not start out that far behind): not worth the rest.
-            self.limit = self._base
-            self._settle(moved=False)
+            self._end_probe(moved=False)
             return
         if phase < PROBE_SKIP:
             return
@@ -364,31 +363,35 @@ class AdaptiveLimit:
         if phase + 1 < PROBE_SKIP + PROBE_WINDOWS:
             return
         if not sums[1]:  # every counted window was a first after a lull
-            self.limit = self._base
-            self._settle(moved=True)
+            self._end_probe(moved=True)
             return
         rate = sums[0] / sums[1]
         if self._trial == self.ceiling and rate:
             self._ceiling_rate = rate
         won = rate >= (DOWN_KEEP if self._trial < self._base else UP_KEEP) * self._rate
-        if self._confirming:  # the ceiling again, right after a step down
-            if won:
-                self._refute()
-                return
-            self.limit = self._base
-            self._settle(moved=False)  # and hold the floor to confirm it
+        if self._confirming and won:  # the ceiling, tried back at once
+            self._refute()
         elif won:
             self.limit = self._trial
-            self._hold = HOLD  # the load moved: probe again soon after
             if self.limit < self.ceiling:  # a step down: try back at once
                 self._confirming = True
                 self._rate = rate
                 self._probe_other()
             else:
+                self._hold = HOLD  # the load moved: probe again soon after
                 self._settle(moved=True)
         else:
-            self.limit = self._base
-            self._settle(moved=False)
+            self._end_probe(moved=False)
+
+    def _end_probe(self, moved: bool) -> None:
+        """Back to the limit the probe was tried against. After a step down,
+        that is the floor, held to confirm it: its first window is checked
+        as the first after a lull is (see `_new_spell`), for a lull while
+        the ceiling was tried back would hide a load that changed."""
+        self.limit = self._base
+        self._settle(moved)
+        if self._confirming:
+            self._check = True
 
     def _confirm(self, rate: float) -> None:
         """A hold while confirming a step down has ended.
@@ -416,6 +419,9 @@ class AdaptiveLimit:
             self._refuted = 0
             self._hold = HOLD_MAX
         self._settle(moved=True)
+        # The floor's first window is checked as after a lull: one while the
+        # ceiling was held again would hide a load that changed.
+        self._check = self.limit < self.ceiling
 
     def _refute(self) -> None:
         """Back to the ceiling from a step down: wait longer each time in a
