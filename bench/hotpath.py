@@ -7,7 +7,9 @@ leak detection on), then each piece of that path on its own: the liveness test,
 the lock, the core's decision, undoing client-side changes; the rest is
 making and detaching the handle (the cost of "a returned handle is dead") and
 the calls between. Then the same borrow with validation off and with leak
-detection off, and the asyncio pool's borrow. Best of 5 runs; no query is sent.
+detection off, while another thread runs Python (which takes the GIL whenever
+a borrow lets go of it), and the asyncio pool's borrow. Best of 5 runs (3 with
+the other thread); no query is sent.
 Run from the repository root. `--profile` instead runs the borrow under
 pyinstrument (in the `bench` extra) and prints its call tree.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +64,23 @@ async def abest_of(pool: AsyncPool, n: int, runs: int = 5) -> float:
     return best
 
 
+def beside_python(pool: Pool, n: int) -> float:
+    """`best_of()` a borrow while another thread runs Python."""
+    stop = False
+
+    def spin() -> None:
+        while not stop:
+            pass
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        return best_of(borrow(pool), n, runs=3)
+    finally:
+        stop = True
+        spinner.join()
+
+
 async def asyncio_borrow(dsn: str, n: int) -> float:
     async with AsyncPool(dsn, min_size=4, max_size=4) as pool:
         await pool.wait()
@@ -101,6 +121,8 @@ def main() -> None:
             for name, func in pieces.items():
                 times = 2 if name.startswith("lock") else 1
                 print(f"  {name:38s} {best_of(func, n) * times:6.2f} µs")
+            took = beside_python(pool, n)
+            print(f"borrow + return, {'another thread in Python':24s} {took:6.2f} µs")
         for label, overrides in (
             ("validation on borrow off", {"test_on_borrow": False}),
             ("leak detection off", {"leak_detection_threshold": 0}),

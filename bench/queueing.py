@@ -1,14 +1,26 @@
 """Where short transactions from threads lose throughput: queueing or the pool.
 
-    python bench/queueing.py [--seconds 3] [--rounds 2]
+    python bench/queueing.py [--seconds 3] [--rounds 4]
 
 Sixteen threads run `run.py`'s short transaction (BEGIN, UPDATE one row,
-COMMIT, on its table), as its `txn-16x8` cell does, four ways: a connection per thread
-(`direct`), pgwarden's `Pool` with 8 connections and with 16, and a plain
-`queue.LifoQueue` of 8 connections (the least a pool can do). For each:
-throughput, and per transaction the process's user and system CPU time and
-its voluntary context switches. With 16 connections no thread ever waits for
-one; with 8, half of them queue. Run from the repository root.
+COMMIT, on its table), as its `txn-16x8` cell does, six ways:
+
+- `direct`: a connection per thread;
+- pgwarden's `Pool` with 8 connections and with 16 (with 16 no thread ever
+  waits; with 8, half of them queue);
+- a bare fair pool of 8: a FIFO queue handing each returned connection
+  straight to the thread that waited longest, with no checks (the least a
+  fair pool can do);
+- 8 at a time over 16 connections: the same FIFO hand-off, of a turn rather
+  than a connection, each thread on a connection of its own (so the limit on
+  transactions at once is told apart from the number of connections);
+- a plain `queue.LifoQueue` of 8 connections (unfair: a thread giving a
+  connection back may take it again at once).
+
+For each: throughput, and per transaction the process's user and system CPU
+time and its voluntary context switches; then, over the rounds (each starts
+with another way), the median throughput and its ratio to `direct`'s. Run
+from the repository root.
 """
 
 from __future__ import annotations
@@ -17,9 +29,11 @@ import argparse
 import queue
 import random
 import resource
+import statistics
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -39,7 +53,8 @@ Borrow = Callable[[int], AbstractContextManager[Any]]
 transaction: SyncOp = TRANSACTION.sync_ops["psycopg"]
 
 
-def measure(name: str, borrow: Borrow, seconds: float) -> None:
+def measure(name: str, borrow: Borrow, seconds: float) -> float:
+    """Print and return the throughput of 16 threads borrowing with `borrow`."""
     stop = threading.Event()
     counts = [0] * THREADS
 
@@ -61,13 +76,15 @@ def measure(name: str, borrow: Borrow, seconds: float) -> None:
     for t in threads:
         t.join()
     n = n1 - n0
+    rate = n / (t1 - t0)
     print(
-        f"  {name:22} {n / (t1 - t0):7,.0f} txn/s"
+        f"  {name:26} {rate:7,.0f} txn/s"
         f"  user {(r1.ru_utime - r0.ru_utime) / n * 1e6:4.0f} µs"
         f"  system {(r1.ru_stime - r0.ru_stime) / n * 1e6:4.0f} µs"
         f"  context switches {(r1.ru_nvcsw - r0.ru_nvcsw) / n:4.1f}",
         flush=True,
     )
+    return rate
 
 
 @contextmanager
@@ -109,10 +126,80 @@ def plain_queue(dsn: str, size: int) -> Iterator[Borrow]:
             idle.get().close()
 
 
+class FairQueue:
+    """A bare FIFO hand-off: what is given back goes straight to the thread
+    that waited longest, woken alone (as pgwarden's pool does)."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self._idle = items
+        self._waiters: deque[list[Any]] = deque()  # [lock, item]
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        with self._lock:
+            if self._idle and not self._waiters:
+                return self._idle.pop()
+            waiter = [threading.Lock(), None]
+            waiter[0].acquire()
+            self._waiters.append(waiter)
+        waiter[0].acquire()
+        return waiter[1]
+
+    def put(self, item: Any) -> None:
+        with self._lock:
+            if not self._waiters:
+                self._idle.append(item)
+                return
+            waiter = self._waiters.popleft()
+            waiter[1] = item
+        waiter[0].release()
+
+
+@contextmanager
+def fair_queue(dsn: str, size: int) -> Iterator[Borrow]:
+    conns = [psycopg.connect(dsn, autocommit=True) for _ in range(size)]
+    idle = FairQueue(list(conns))
+
+    @contextmanager
+    def borrow(i: int) -> Iterator[psycopg.Connection[Any]]:
+        conn = idle.get()
+        try:
+            yield conn
+        finally:
+            idle.put(conn)
+
+    try:
+        yield borrow
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+@contextmanager
+def turns(dsn: str, size: int) -> Iterator[Borrow]:
+    """A connection per thread, `size` of them in a transaction at a time."""
+    conns = [psycopg.connect(dsn, autocommit=True) for _ in range(THREADS)]
+    turn = FairQueue([None] * size)
+
+    @contextmanager
+    def borrow(i: int) -> Iterator[psycopg.Connection[Any]]:
+        turn.get()
+        try:
+            yield conns[i]
+        finally:
+            turn.put(None)
+
+    try:
+        yield borrow
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     with EmbeddedPostgres() as pg:
         dsn = pg.dsn()
@@ -121,13 +208,22 @@ def main() -> None:
             ("direct (16 connections)", lambda: direct(dsn)),
             ("pgwarden, 8", lambda: pgwarden(dsn, 8)),
             ("pgwarden, 16", lambda: pgwarden(dsn, 16)),
+            ("bare fair pool, 8", lambda: fair_queue(dsn, 8)),
+            ("8 at a time over 16", lambda: turns(dsn, 8)),
             ("LifoQueue, 8", lambda: plain_queue(dsn, 8)),
         ]
+        rates: dict[str, list[float]] = {name: [] for name, _ in ways}
         for round_ in range(args.rounds):
             print(f"round {round_ + 1}, {THREADS} threads:", flush=True)
-            for name, way in ways:
+            first = round_ % len(ways)
+            for name, way in ways[first:] + ways[:first]:
                 with way() as borrow:
-                    measure(name, borrow, args.seconds)
+                    rates[name].append(measure(name, borrow, args.seconds))
+        direct_rate = statistics.median(rates[ways[0][0]])
+        print(f"median over {args.rounds} rounds:")
+        for name, _ in ways:
+            rate = statistics.median(rates[name])
+            print(f"  {name:26} {rate:7,.0f} txn/s  {rate / direct_rate:4.2f}x direct")
 
 
 if __name__ == "__main__":

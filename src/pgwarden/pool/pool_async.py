@@ -23,7 +23,7 @@ from typing import Any
 from weakref import getweakrefcount
 
 import psycopg
-from psycopg.pq import ConnStatus, TransactionStatus
+from psycopg.pq import TransactionStatus
 
 from .._conninfo import redact, secrets_of
 from ..config import PoolConfig
@@ -59,7 +59,6 @@ _IDLE = TransactionStatus.IDLE
 _INTRANS = TransactionStatus.INTRANS
 _ACTIVE = TransactionStatus.ACTIVE
 _RESETTABLE = (_IDLE, _INTRANS, TransactionStatus.INERROR)
-_OK = ConnStatus.OK
 
 # A reset query that drops the session's prepared statements.
 _DROPS_PREPARED = re.compile(
@@ -398,8 +397,11 @@ class AsyncPool:
                 pgconn = entry.conn.pgconn
                 try:
                     pgconn.consume_input()
-                    pgconn.is_busy()  # parses what came; a FATAL notice dooms it
-                    alive = pgconn.status == _OK and not entry.doomed
+                    alive = (
+                        pgconn.transaction_status == _IDLE
+                        and pgconn.get_result() is None  # parses what came
+                        and not entry.doomed
+                    )
                 except psycopg.OperationalError:
                     alive = False
                 if alive:
@@ -612,11 +614,20 @@ class AsyncPool:
         """
         pgconn = entry.conn.pgconn
         try:
-            pgconn.consume_input()
-            pgconn.is_busy()  # parses what came; a FATAL notice dooms the entry
+            pgconn.consume_input()  # the end of file raises
         except psycopg.OperationalError:
             return False
-        return pgconn.status == _OK and not entry.doomed
+        # An idle connection's transaction status is IDLE (UNKNOWN once it is
+        # bad, ACTIVE while a query runs). Then get_result() parses what came,
+        # where a FATAL notice dooms the entry, and returns None at once.
+        # Not is_busy(), which would do the same but let go of the GIL: with
+        # other threads waiting for it, that costs a context switch or two
+        # per borrow (4 µs of CPU with 16 threads over 8 connections).
+        return (
+            pgconn.transaction_status == _IDLE
+            and pgconn.get_result() is None
+            and not entry.doomed
+        )
 
     async def _validate_borrowed(self, entry: Entry, deadline: float) -> bool:
         """Prove a borrowed connection works with the validation query."""
