@@ -1,6 +1,6 @@
 """Where short transactions from threads lose throughput: queueing or the pool.
 
-    python bench/queueing.py [--seconds 3] [--rounds 4]
+    python bench/queueing.py [--seconds 3] [--rounds 4] [--pin]
 
 Sixteen threads run `run.py`'s short transaction (BEGIN, UPDATE one row,
 COMMIT, on its table), as its `txn-16x8` cell does, six ways:
@@ -19,13 +19,15 @@ COMMIT, on its table), as its `txn-16x8` cell does, six ways:
 
 For each: throughput, and per transaction the process's user and system CPU
 time and its voluntary context switches; then, over the rounds (each starts
-with another way), the median throughput and its ratio to `direct`'s. Run
-from the repository root.
+with another way), the median throughput and its ratio to `direct`'s. With
+`--pin`, the server runs on one CPU and this process on another, so that
+they stop competing for the same ones (Linux). Run from the repository root.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import random
 import resource
@@ -196,12 +198,39 @@ def turns(dsn: str, size: int) -> Iterator[Borrow]:
             conn.close()
 
 
+def pin(pg: EmbeddedPostgres) -> None:
+    """Move the server's processes to the first CPU this process may use, and
+    this process (the threads it starts next) to the second."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs two CPUs")
+    pid_file = pg.data_dir / "postmaster.pid"
+    postmaster = int(pid_file.read_text().split()[0])
+    server = [postmaster]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == postmaster:  # its parent
+            server.append(int(stat.parent.name))
+    for pid in server:  # backends started later inherit the postmaster's
+        os.sched_setaffinity(pid, {cpus[0]})
+    os.sched_setaffinity(0, {cpus[1]})
+    print(f"server on CPU {cpus[0]}, client on CPU {cpus[1]}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument(
+        "--pin", action="store_true", help="server on one CPU, client on another"
+    )
     args = parser.parse_args()
     with EmbeddedPostgres() as pg:
+        if args.pin:
+            pin(pg)
         dsn = pg.dsn()
         setup_tables(dsn)
         ways: list[tuple[str, Callable[[], AbstractContextManager[Borrow]]]] = [
