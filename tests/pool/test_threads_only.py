@@ -1,4 +1,5 @@
-"""A borrow from a thread pool keeps the GIL, against a real server.
+"""What only a thread pool must take care of, against a real server: a
+borrow keeps the GIL, and no thread is started under the pool's lock.
 
 Each time a thread lets go of the GIL, a thread busy with Python may take it
 and keep it for a whole switch interval (5 ms by default): a borrow that let
@@ -13,12 +14,15 @@ from __future__ import annotations
 
 import sys
 import threading
+from typing import Any
 
 import psycopg
 import pytest
 
 from pgwarden import Pool
 from pgwarden.pool import _core
+from pgwarden.pool import pool as pool_module
+from tests._util import wait_until
 from tests.pool._helpers import unique_app
 
 BORROWS = 2000
@@ -72,3 +76,37 @@ def test_borrows_let_no_other_thread_run(
     assert after == before, (
         f"another thread ran {after - before} loops during {BORROWS} borrows"
     )
+
+
+def test_no_thread_is_started_under_the_lock(
+    dsn: str, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting a thread waits until it runs: milliseconds while other threads
+    keep the GIL busy, during which every borrow and give-back would wait on
+    the lock. Connects and closes are started once it is let go."""
+    starts: list[tuple[str, bool]] = []
+    spawn = pool_module.spawn
+    pool = Pool(dsn, min_size=0, max_size=3, application_name=unique_app())
+
+    def watched(func: Any, args: Any, registry: Any, name: str) -> None:
+        starts.append((name.rsplit(" ", 1)[-1], pool._lock._is_owned()))
+        spawn(func, args, registry, name)
+
+    monkeypatch.setattr(pool_module, "spawn", watched)
+    with pool:
+        # Borrowers that find nothing idle have connections opened for them.
+        conns = [pool.getconn(timeout=10) for _ in range(3)]
+        # A shrunk pool closes what comes back over its new size.
+        pool.resize(0, 1)
+        for conn in conns[1:]:
+            pool.putconn(conn)
+        wait_until(lambda: len(pool._core.entries) == 1, message="two closed")
+        # A dead connection found on borrow is replaced.
+        pid = conns[0].info.backend_pid
+        pool.putconn(conns[0])
+        admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+        with pool.connection(timeout=10) as conn:
+            assert conn.info.backend_pid != pid
+    names = {name for name, _ in starts}
+    assert {"connect", "close"} <= names, starts
+    assert not [name for name, locked in starts if locked], starts
