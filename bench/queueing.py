@@ -107,11 +107,8 @@ def pgwarden(dsn: str, size: int) -> Iterator[Borrow]:
         yield lambda i: pool.connection()
 
 
-@contextmanager
-def plain_queue(dsn: str, size: int) -> Iterator[Borrow]:
-    idle: queue.LifoQueue[psycopg.Connection[Any]] = queue.LifoQueue()
-    for _ in range(size):
-        idle.put(psycopg.connect(dsn, autocommit=True))
+def borrowing(idle: queue.LifoQueue[Any] | FairQueue) -> Borrow:
+    """Borrow from a queue: get() a connection, put() it back."""
 
     @contextmanager
     def borrow(i: int) -> Iterator[psycopg.Connection[Any]]:
@@ -121,8 +118,16 @@ def plain_queue(dsn: str, size: int) -> Iterator[Borrow]:
         finally:
             idle.put(conn)
 
+    return borrow
+
+
+@contextmanager
+def plain_queue(dsn: str, size: int) -> Iterator[Borrow]:
+    idle: queue.LifoQueue[psycopg.Connection[Any]] = queue.LifoQueue()
+    for _ in range(size):
+        idle.put(psycopg.connect(dsn, autocommit=True))
     try:
-        yield borrow
+        yield borrowing(idle)
     finally:
         while not idle.empty():
             idle.get().close()
@@ -141,7 +146,7 @@ class FairQueue:
         with self._lock:
             if self._idle and not self._waiters:
                 return self._idle.pop()
-            waiter = [threading.Lock(), None]
+            waiter: list[Any] = [threading.Lock(), None]
             waiter[0].acquire()
             self._waiters.append(waiter)
         waiter[0].acquire()
@@ -160,18 +165,8 @@ class FairQueue:
 @contextmanager
 def fair_queue(dsn: str, size: int) -> Iterator[Borrow]:
     conns = [psycopg.connect(dsn, autocommit=True) for _ in range(size)]
-    idle = FairQueue(list(conns))
-
-    @contextmanager
-    def borrow(i: int) -> Iterator[psycopg.Connection[Any]]:
-        conn = idle.get()
-        try:
-            yield conn
-        finally:
-            idle.put(conn)
-
     try:
-        yield borrow
+        yield borrowing(FairQueue(list(conns)))
     finally:
         for conn in conns:
             conn.close()
