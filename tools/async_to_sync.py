@@ -50,6 +50,7 @@ NAMES = {
     "AWaiter": "Waiter",
     "AEvent": "Event",
     "aspawn": "spawn",
+    "aprepare": "prepare",
     "agather": "gather",
     "acurrent_holder": "current_holder",
     "await_until": "wait_until",

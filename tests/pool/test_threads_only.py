@@ -6,20 +6,21 @@ and keep it for a whole switch interval (5 ms by default): a borrow that let
 go of it once (the liveness test did, in psycopg's `is_busy()`) took 77 µs
 instead of 7 while another thread ran Python, on 2 vCPUs (`bench/hotpath.py`).
 
-Only with psycopg's C implementation (its pure Python one lets go of the GIL
-on every call into libpq) and a CPython with a GIL.
+The GIL test needs psycopg's C implementation (its pure Python one lets go
+of the GIL on every call into libpq) and a CPython with a GIL.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 
-from pgwarden import Pool
+from pgwarden import Pool, PoolTimeout
 from pgwarden.pool import _core
 from pgwarden.pool import pool as pool_module
 from tests._util import wait_until
@@ -85,14 +86,19 @@ def test_no_thread_is_started_under_the_lock(
     keep the GIL busy, during which every borrow and give-back would wait on
     the lock. Connects and closes are started once it is let go."""
     starts: list[tuple[str, bool]] = []
-    spawn = pool_module.spawn
+    prepare = pool_module.prepare
     pool = Pool(dsn, min_size=0, max_size=3, application_name=unique_app())
 
-    def watched(func: Any, args: Any, registry: Any, name: str) -> None:
-        starts.append((name.rsplit(" ", 1)[-1], pool._lock._is_owned()))
-        spawn(func, args, registry, name)
+    def watched(func: Any, args: Any, registry: Any, name: str) -> Callable[[], bool]:
+        start = prepare(func, args, registry, name)
 
-    monkeypatch.setattr(pool_module, "spawn", watched)
+        def watched_start() -> bool:
+            starts.append((name.rsplit(" ", 1)[-1], pool._lock._is_owned()))
+            return start()
+
+        return watched_start
+
+    monkeypatch.setattr(pool_module, "prepare", watched)
     with pool:
         # Borrowers that find nothing idle have connections opened for them.
         conns = [pool.getconn(timeout=10) for _ in range(3)]
@@ -110,3 +116,26 @@ def test_no_thread_is_started_under_the_lock(
     names = {name for name, _ in starts}
     assert {"connect", "close"} <= names, starts
     assert not [name for name, locked in starts if locked], starts
+
+
+def test_a_connect_that_cannot_start_its_thread_fails_as_a_connect(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No thread left (the system's limit): the connect counts as failed, the
+    caller times out saying why, and the pool connects once it can again."""
+    start = threading.Thread.start
+
+    def refuse(thread: threading.Thread) -> None:
+        if thread.name.endswith(" connect"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    with Pool(dsn, min_size=0, max_size=1, application_name=unique_app()) as pool:
+        monkeypatch.setattr(threading.Thread, "start", refuse)
+        with pytest.raises(PoolTimeout, match="could not start a thread"):
+            pool.getconn(timeout=0.5)
+        assert pool._core.opening == 0
+        assert "could not start thread" in caplog.text
+        monkeypatch.setattr(threading.Thread, "start", start)
+        with pool.connection(timeout=10) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -179,6 +179,55 @@ def spawn(
     thread.start()
 
 
+def aprepare(
+    func: Callable[..., Coroutine[Any, Any, None]],
+    args: tuple[Any, ...],
+    registry: set[Any],
+    name: str,
+) -> Callable[[], bool]:
+    """`aspawn()` now (making a task waits for nothing), and return a
+    starter with nothing left to do: see `prepare()`."""
+    aspawn(func, args, registry, name)
+    return _started
+
+
+def _started() -> bool:
+    return True
+
+
+def prepare(
+    func: Callable[..., None], args: tuple[Any, ...], registry: set[Any], name: str
+) -> Callable[[], bool]:
+    """A daemon thread to run `func(*args)`, in `registry` already, and the
+    function that starts it.
+
+    Starting a thread waits until it runs: milliseconds while other threads
+    keep the GIL busy. So the pool prepares threads under its lock, where
+    `gather()` can see them, and starts them once it lets go. The starter
+    returns False, having logged why, if no thread could be started.
+    """
+
+    def run() -> None:
+        try:
+            func(*args)
+        finally:
+            registry.discard(thread)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    registry.add(thread)
+
+    def start() -> bool:
+        try:
+            thread.start()
+        except Exception:  # the system's limit on threads, say
+            registry.discard(thread)
+            logger.exception("could not start thread %r", name)
+            return False
+        return True
+
+    return start
+
+
 async def agather(registry: set[Any], timeout: float) -> None:
     """Wait for the tasks in `registry` to end, cancelling any left at `timeout`."""
     deadline = monotonic() + timeout

@@ -37,7 +37,15 @@ from ..errors import (
     UnknownLane,
 )
 from . import _core, _messages
-from ._acompat import Event, Lock, Waiter, current_holder, gather, spawn
+from ._acompat import (
+    Event,
+    Lock,
+    Waiter,
+    current_holder,
+    gather,
+    prepare,
+    spawn,
+)
 from ._cancel import interrupt, shutdown_socket
 from ._core import Entry, Lane, PoolCore
 from .connection import (
@@ -100,8 +108,8 @@ class Pool:
         self._reopen_after_fork = False
         self._tasks: set[Any] = set()
         # Background work asked for under the lock, started once it is let go
-        # (see _start_spawned).
-        self._spawns: list[tuple[Callable[..., Any], tuple[Any, ...], str]] = []
+        # (see _start_spawned): each one's starter, and what it does.
+        self._spawns: list[tuple[Callable[[], bool], str]] = []
         self._wakeup: Event | None = None  # nudges the maintenance loop
         # Maintenance runs every WATCH_INTERVAL: the adaptive limit holds back.
         self._watching = False
@@ -226,9 +234,9 @@ class Pool:
             self.config = cfg
             served = self._core.resize(cfg.min_size, cfg.max_size, monotonic())
             self._after_change_locked()
-        self._start_spawned()
         for waiter in served:
             waiter.wake()
+        self._start_spawned()
 
     def stats(self) -> PoolStats:
         """The pool's state and counters now (no I/O; safe from any thread)."""
@@ -362,7 +370,14 @@ class Pool:
                     self._abandon(waiter)
                 raise
             if changed or entry is None:  # connects and closes to start
-                self._start_spawned()
+                try:
+                    self._start_spawned()
+                except BaseException:  # interrupted: give back what was taken
+                    if entry is not None:
+                        self._release(entry, True)
+                    elif waiter is not None:
+                        self._abandon(waiter)
+                    raise
             if entry is None:
                 assert waiter is not None
                 entry = self._wait_for(waiter)
@@ -435,7 +450,7 @@ class Pool:
     def _enqueue(
         self, lane: Lane, now: float, deadline: float, started: float
     ) -> Waiter:
-        """Queue a waiter (under the lock) and start the connects it needs."""
+        """Queue a waiter (under the lock) and ask for the connects it needs."""
         waiter = Waiter(lane)
         waiter.started = started
         try:
@@ -592,9 +607,9 @@ class Pool:
                 core.validation_failed(now, error)
             waiter = core.discard(entry, why, now)
             self._after_change_locked()
-        self._start_spawned()
         if waiter is not None:
             waiter.wake()
+        self._start_spawned()
 
     # -- giving back --------------------------------------------------------
 
@@ -752,8 +767,6 @@ class Pool:
             for other in woken or ():
                 other.wake()
             raise
-        if changed:
-            self._start_spawned()
         if failure is not None:
             logger.warning(
                 "undoing client-side changes on a connection given back to pool"
@@ -768,6 +781,8 @@ class Pool:
             if woken is not None:
                 for other in woken:
                     other.wake()
+        if changed:  # after the wake-up: its waiter needn't wait for it
+            self._start_spawned()
         if entry.leak_reported:
             logger.info("%s", _messages.unleak_message(entry, self.name, now))
         if drained and self._drained is not None:
@@ -793,30 +808,40 @@ class Pool:
         core = self._core
         to_close = core.pop_to_close()
         if to_close:
-            self._spawns.append((_close_entries, (self, to_close), "close"))
+            self._prepare(_close_entries, self, to_close, name="close")
         self._start_connects(core.wanted_connects(monotonic()))
 
     def _start_connects(self, n: int) -> None:
         """Under the lock: have `n` connections opened (see _start_spawned)."""
         for _ in range(n):
-            self._spawns.append((_connect_one, (self,), "connect"))
+            self._prepare(_connect_one, self, name="connect")
+
+    def _prepare(self, func: Callable[..., Any], *args: Any, name: str) -> None:
+        """Under the lock: have `func(*args)` run in the background, once
+        _start_spawned() is called."""
+        start = prepare(func, args, self._tasks, f"pgwarden {self.name} {name}")
+        self._spawns.append((start, name))
 
     def _start_spawned(self) -> None:
         """Start the background work asked for under the lock, which this
         thread no longer holds.
 
         Not under the lock: starting a thread waits until it runs, which
-        takes milliseconds while other threads keep the GIL busy (median 2.4
-        ms, up to 15, beside 16 busy threads), and every borrow and give-back
-        would wait on the lock meanwhile. Another thread may start it first.
+        takes milliseconds while other threads keep the GIL busy, and every
+        borrow and give-back would wait on the lock meanwhile. The caller
+        still waits, outside it. Another thread may start the work first.
         """
         spawns = self._spawns
         while spawns:
             try:
-                func, args, name = spawns.pop()
+                start, name = spawns.pop()
             except IndexError:  # another thread took the last one
                 return
-            self._spawn(func, *args, name=name)
+            if not start() and name == "connect":  # logged
+                with self._lock:
+                    self._core.connect_failed(
+                        "could not start a thread to connect", monotonic(), False
+                    )
 
     def _spawn(self, func: Callable[..., Any], *args: Any, name: str) -> None:
         spawn(func, args, self._tasks, f"pgwarden {self.name} {name}")
@@ -866,9 +891,9 @@ class Pool:
         with self._lock:
             waiter = self._core.check_done(entry, now, ok, alive)
             self._after_change_locked()
-        self._start_spawned()
         if waiter is not None:
             waiter.wake()
+        self._start_spawned()
 
     def _maintain(self) -> float:
         """One maintenance step; return how long to sleep before the next."""
@@ -922,7 +947,6 @@ class Pool:
                 core.size < core.min_size or core.n_waiting
             ) and core.next_connect_at > now:
                 delay = min(delay, core.next_connect_at - now)
-        self._start_spawned()
         for entry in stranded:
             shutdown_socket(entry.conn.pgconn)
         for waiter in served:
@@ -930,6 +954,7 @@ class Pool:
                 waiter.wake()
         for waiter in act.served:
             waiter.wake()
+        self._start_spawned()
         if drained and self._drained is not None:
             self._drained.set()
         for report in reports:
@@ -1145,9 +1170,9 @@ def _connect_one(pool: Pool) -> None:
         waiter = core.connect_succeeded(entry, now)
         pool._after_change_locked()
         ready = len(core.entries) >= core.min_size
-    pool._start_spawned()
     if waiter is not None:
         waiter.wake()
+    pool._start_spawned()
     if ready and pool._ready is not None:
         pool._ready.set()
 

@@ -35,7 +35,15 @@ from ..errors import (
     UnknownLane,
 )
 from . import _core, _messages
-from ._acompat import AEvent, AWaiter, Lock, acurrent_holder, agather, aspawn
+from ._acompat import (
+    AEvent,
+    AWaiter,
+    Lock,
+    acurrent_holder,
+    agather,
+    aprepare,
+    aspawn,
+)
 from ._cancel import interrupt, shutdown_socket
 from ._core import Entry, Lane, PoolCore
 from .connection_async import (
@@ -112,8 +120,8 @@ class AsyncPool:
             self._clock_at = 0.0
         self._tasks: set[Any] = set()
         # Background work asked for under the lock, started once it is let go
-        # (see _start_spawned).
-        self._spawns: list[tuple[Callable[..., Any], tuple[Any, ...], str]] = []
+        # (see _start_spawned): each one's starter, and what it does.
+        self._spawns: list[tuple[Callable[[], bool], str]] = []
         self._wakeup: AEvent | None = None  # nudges the maintenance loop
         # Maintenance runs every WATCH_INTERVAL: the adaptive limit holds back.
         self._watching = False
@@ -242,9 +250,9 @@ class AsyncPool:
             self.config = cfg
             served = self._core.resize(cfg.min_size, cfg.max_size, monotonic())
             self._after_change_locked()
-        self._start_spawned()
         for waiter in served:
             waiter.wake()
+        self._start_spawned()
 
     def stats(self) -> PoolStats:
         """The pool's state and counters now (no I/O; safe from any thread)."""
@@ -396,7 +404,14 @@ class AsyncPool:
                     self._abandon(waiter)
                 raise
             if changed or entry is None:  # connects and closes to start
-                self._start_spawned()
+                try:
+                    self._start_spawned()
+                except BaseException:  # interrupted: give back what was taken
+                    if entry is not None:
+                        self._release(entry, True)
+                    elif waiter is not None:
+                        self._abandon(waiter)
+                    raise
             if entry is None:
                 assert waiter is not None
                 entry = await self._wait_for(waiter)
@@ -469,7 +484,7 @@ class AsyncPool:
     def _enqueue(
         self, lane: Lane, now: float, deadline: float, started: float
     ) -> AWaiter:
-        """Queue a waiter (under the lock) and start the connects it needs."""
+        """Queue a waiter (under the lock) and ask for the connects it needs."""
         if True:  # ASYNC
             # The pool's loop, checked by _getconn: asking for the running
             # one costs a system call on Python 3.11 (getpid).
@@ -696,9 +711,9 @@ class AsyncPool:
                 core.validation_failed(now, error)
             waiter = core.discard(entry, why, now)
             self._after_change_locked()
-        self._start_spawned()
         if waiter is not None:
             waiter.wake()
+        self._start_spawned()
 
     # -- giving back --------------------------------------------------------
 
@@ -856,8 +871,6 @@ class AsyncPool:
             for other in woken or ():
                 other.wake()
             raise
-        if changed:
-            self._start_spawned()
         if failure is not None:
             logger.warning(
                 "undoing client-side changes on a connection given back to pool"
@@ -872,6 +885,8 @@ class AsyncPool:
             if woken is not None:
                 for other in woken:
                     other.wake()
+        if changed:  # after the wake-up: its waiter needn't wait for it
+            self._start_spawned()
         if entry.leak_reported:
             logger.info("%s", _messages.unleak_message(entry, self.name, now))
         if drained and self._drained is not None:
@@ -902,30 +917,40 @@ class AsyncPool:
         core = self._core
         to_close = core.pop_to_close()
         if to_close:
-            self._spawns.append((_close_entries, (self, to_close), "close"))
+            self._prepare(_close_entries, self, to_close, name="close")
         self._start_connects(core.wanted_connects(monotonic()))
 
     def _start_connects(self, n: int) -> None:
         """Under the lock: have `n` connections opened (see _start_spawned)."""
         for _ in range(n):
-            self._spawns.append((_connect_one, (self,), "connect"))
+            self._prepare(_connect_one, self, name="connect")
+
+    def _prepare(self, func: Callable[..., Any], *args: Any, name: str) -> None:
+        """Under the lock: have `func(*args)` run in the background, once
+        _start_spawned() is called."""
+        start = aprepare(func, args, self._tasks, f"pgwarden {self.name} {name}")
+        self._spawns.append((start, name))
 
     def _start_spawned(self) -> None:
         """Start the background work asked for under the lock, which this
         thread no longer holds.
 
         Not under the lock: starting a thread waits until it runs, which
-        takes milliseconds while other threads keep the GIL busy (median 2.4
-        ms, up to 15, beside 16 busy threads), and every borrow and give-back
-        would wait on the lock meanwhile. Another thread may start it first.
+        takes milliseconds while other threads keep the GIL busy, and every
+        borrow and give-back would wait on the lock meanwhile. The caller
+        still waits, outside it. Another thread may start the work first.
         """
         spawns = self._spawns
         while spawns:
             try:
-                func, args, name = spawns.pop()
+                start, name = spawns.pop()
             except IndexError:  # another thread took the last one
                 return
-            self._spawn(func, *args, name=name)
+            if not start() and name == "connect":  # logged
+                with self._lock:
+                    self._core.connect_failed(
+                        "could not start a thread to connect", monotonic(), False
+                    )
 
     def _spawn(self, func: Callable[..., Any], *args: Any, name: str) -> None:
         aspawn(func, args, self._tasks, f"pgwarden {self.name} {name}")
@@ -991,9 +1016,9 @@ class AsyncPool:
         with self._lock:
             waiter = self._core.check_done(entry, now, ok, alive)
             self._after_change_locked()
-        self._start_spawned()
         if waiter is not None:
             waiter.wake()
+        self._start_spawned()
 
     async def _maintain(self) -> float:
         """One maintenance step; return how long to sleep before the next."""
@@ -1047,7 +1072,6 @@ class AsyncPool:
                 core.size < core.min_size or core.n_waiting
             ) and core.next_connect_at > now:
                 delay = min(delay, core.next_connect_at - now)
-        self._start_spawned()
         for entry in stranded:
             shutdown_socket(entry.conn.pgconn)
         for waiter in served:
@@ -1055,6 +1079,7 @@ class AsyncPool:
                 waiter.wake()
         for waiter in act.served:
             waiter.wake()
+        self._start_spawned()
         if drained and self._drained is not None:
             self._drained.set()
         for report in reports:
@@ -1291,9 +1316,9 @@ async def _connect_one(pool: AsyncPool) -> None:
         waiter = core.connect_succeeded(entry, now)
         pool._after_change_locked()
         ready = len(core.entries) >= core.min_size
-    pool._start_spawned()
     if waiter is not None:
         waiter.wake()
+    pool._start_spawned()
     if ready and pool._ready is not None:
         pool._ready.set()
 
