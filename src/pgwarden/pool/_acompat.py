@@ -167,6 +167,14 @@ def spawn(
     func: Callable[..., None], args: tuple[Any, ...], registry: set[Any], name: str
 ) -> None:
     """Run `func(*args)` in a daemon thread, kept in `registry` until it ends."""
+    _registered_thread(func, args, registry, name).start()
+
+
+def _registered_thread(
+    func: Callable[..., None], args: tuple[Any, ...], registry: set[Any], name: str
+) -> threading.Thread:
+    """A daemon thread, not started, to run `func(*args)`: in `registry`
+    from now until it ends."""
 
     def run() -> None:
         try:
@@ -176,7 +184,7 @@ def spawn(
 
     thread = threading.Thread(target=run, name=name, daemon=True)
     registry.add(thread)
-    thread.start()
+    return thread
 
 
 def aprepare(
@@ -206,15 +214,7 @@ def prepare(
     `gather()` can see them, and starts them once it lets go. The starter
     returns False, having logged why, if no thread could be started.
     """
-
-    def run() -> None:
-        try:
-            func(*args)
-        finally:
-            registry.discard(thread)
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    registry.add(thread)
+    thread = _registered_thread(func, args, registry, name)
 
     def start() -> bool:
         try:

@@ -502,7 +502,7 @@ class AsyncPool:
                 f" (max_waiting={self.config.max_waiting})"
             ) from None
         n = self._core.wanted_connects(now)
-        self._start_connects(n)
+        self._prepare_connects(n)
         if self._wakeup is not None:
             if not n and self._core.next_connect_at > now:
                 # Backing off: have maintenance connect as soon as it ends.
@@ -918,9 +918,9 @@ class AsyncPool:
         to_close = core.pop_to_close()
         if to_close:
             self._prepare(_close_entries, self, to_close, name="close")
-        self._start_connects(core.wanted_connects(monotonic()))
+        self._prepare_connects(core.wanted_connects(monotonic()))
 
-    def _start_connects(self, n: int) -> None:
+    def _prepare_connects(self, n: int) -> None:
         """Under the lock: have `n` connections opened (see _start_spawned)."""
         for _ in range(n):
             self._prepare(_connect_one, self, name="connect")
@@ -1060,7 +1060,7 @@ class AsyncPool:
                 entry.leak_reported = False  # reported here: no "came back" later
                 served.append(core.discard(entry, "stranded", now))
             act = core.maintain(now)
-            self._start_connects(act.connects)
+            self._prepare_connects(act.connects)
             drained = core.closed and not core.busy
             delay = self._tick
             # Slow borrows and stalls (see _core.SLOW_BORROW); _wake_to_watch()
